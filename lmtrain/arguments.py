@@ -1,0 +1,231 @@
+"""Every option of pretrain.py / sft.py / data_prep, as `HfArgumentParser` dataclasses.
+
+Precedence: dataclass defaults < a YAML/JSON config file (the first argument, or `--config FILE`) < flags.
+Spellings from older transformers versions and from classic run_clm-style launch scripts are translated
+(`--evaluation_strategy` -> `--eval_strategy`, ...), so existing launch scripts run unchanged.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import os
+import sys
+from dataclasses import asdict, dataclass, field, fields
+
+from transformers import HfArgumentParser, TrainingArguments
+
+from lmtrain.data.cleaning import CleaningConfig
+
+logger = logging.getLogger(__name__)
+
+# Old flag -> current flag. None: accepted and ignored (the behaviour is now always on, or moved).
+LEGACY_FLAGS = {
+    "evaluation_strategy": "eval_strategy",
+    "no_cuda": "use_cpu",
+    "per_gpu_train_batch_size": "per_device_train_batch_size",
+    "per_gpu_eval_batch_size": "per_device_eval_batch_size",
+    "save_safetensors": None,            # always safetensors now
+    "include_tokens_per_second": None,   # tokens/s is always logged
+    "use_fast_tokenizer": None,          # fast tokenizers only
+    "low_cpu_mem_usage": None,           # transformers 5 always loads lazily
+    "use_auth_token": None,
+    "streaming": None,                   # preparation always streams from disk
+    "keep_linebreaks": None,             # line breaks are always kept
+}
+
+
+@dataclass
+class ModelArguments:
+    model_name_or_path: str | None = field(default=None, metadata={
+        "help": "Pretrained weights (HF directory or hub name) for continued pretraining / SFT."})
+    config_name: str | None = field(default=None, metadata={
+        "help": "Train from scratch with this config: a directory with config.json, a .json file, or a name "
+                "from configs/ (qwen2-tiny, qwen2.5-0.5b, qwen2.5-1.5b, llama-1b, llama-7b)."})
+    config_overrides: str | None = field(default=None, metadata={
+        "help": "Comma-separated config changes, e.g. hidden_size=512,num_hidden_layers=8."})
+    tokenizer_name: str | None = field(default=None, metadata={
+        "help": "Tokenizer directory or hub name (default: model_name_or_path, else config_name)."})
+    cache_dir: str | None = field(default=None, metadata={"help": "Where hub downloads are cached."})
+    model_revision: str = field(default="main", metadata={"help": "Hub revision (branch, tag or commit)."})
+    torch_dtype: str | None = field(default=None, metadata={
+        "help": "dtype to load pretrained weights in (auto, bfloat16, float32); training precision is --bf16."})
+    attn_implementation: str = field(default="sdpa", metadata={
+        "help": "sdpa, flash_attention_2, flex_attention or eager. All keep packed documents apart."})
+    resize_token_embeddings: bool = field(default=False, metadata={
+        "help": "Allowed to resize the embeddings of pretrained weights to the tokenizer's vocabulary."})
+    trust_remote_code: bool = field(default=False, metadata={"help": "Allow model code from the hub."})
+
+    def __post_init__(self):
+        if self.model_name_or_path and self.config_name:
+            raise ValueError("give --model_name_or_path (start from weights) or --config_name (from scratch), "
+                             "not both; with weights, change the config through --config_overrides")
+        if self.config_overrides and not (self.config_name or self.model_name_or_path):
+            self.config_name = "qwen2-tiny"
+
+
+@dataclass
+class DataArguments:
+    dataset_path: str | None = field(default=None, metadata={
+        "help": "A dataset directory written by data_prep/prepare_pretrain.py (memory-mapped)."})
+    train_files: list[str] | None = field(default=None, metadata={
+        "help": "Raw training files/globs/dirs, prepared on the fly (classic run_clm spelling of --sources)."})
+    sources: list[str] | None = field(default=None, metadata={
+        "help": "Raw sources with mixture weights: NAME=PATH@WEIGHT (PATH: file, glob, directory, hub "
+                "dataset, or 'shakespeare', the built-in demo corpus). Default: shakespeare."})
+    validation_files: list[str] | None = field(default=None, metadata={
+        "help": "Raw validation files; default: a document-level split of the training sources."})
+    validation_split_percentage: float = field(default=1.0, metadata={
+        "help": "Percent of documents held out for validation (split before packing)."})
+    text_field: str = field(default="text", metadata={"help": "The text field of jsonl/json/parquet records."})
+    txt_unit: str = field(default="file", metadata={"help": "A .txt document is a whole file, a line or a paragraph."})
+    block_size: int = field(default=1024, metadata={"help": "Tokens per packed training block."})
+    drop_remainder: bool = field(default=False, metadata={
+        "help": "Drop the last partial block (classic group_texts) instead of padding and masking it."})
+    preprocessing_num_workers: int | None = field(default=None, metadata={"help": "Processes for preparation."})
+    overwrite_cache: bool = field(default=False, metadata={"help": "Ignore cached preparation results."})
+    lenient: bool = field(default=True, metadata={
+        "help": "Drop and count bad records (malformed JSON, bad UTF-8, missing/non-string text). "
+                "--lenient false stops at the first one with its file and line."})
+    clean: bool = field(default=True, metadata={"help": "Master switch for cleaning and deduplication."})
+    mixture_tokens: int = field(default=0, metadata={
+        "help": "Training tokens the mixture is sampled to (0: as many as all sources hold)."})
+    prepare_seed: int = field(default=1234, metadata={"help": "Seed for the split and the mixture sampling."})
+    max_train_samples: int | None = field(default=None, metadata={"help": "Use at most this many train blocks."})
+    max_eval_samples: int | None = field(default=None, metadata={"help": "Use at most this many eval blocks."})
+    prepared_cache_dir: str | None = field(default=None, metadata={
+        "help": "Cache for on-the-fly preparation (default ~/.cache/lmtrain/prepared)."})
+    # Cleaning steps, each switchable; see lmtrain/data/cleaning.py.
+    unicode_normalization: str = field(default="NFC", metadata={"help": "NFC, NFKC or none."})
+    remove_control_chars: bool = field(default=True, metadata={"help": "Remove control/zero-width characters."})
+    strip_html: bool = field(default=True, metadata={"help": "Remove HTML tags, scripts and comments."})
+    min_chars: int = field(default=20, metadata={"help": "Drop documents shorter than this (characters)."})
+    max_chars: int = field(default=0, metadata={"help": "Drop documents longer than this (0: no limit)."})
+    max_duplicate_line_fraction: float = field(default=0.3, metadata={"help": "Repetition filter (1: off)."})
+    min_unique_word_fraction: float = field(default=0.1, metadata={"help": "Repetition filter (0: off)."})
+    dedup_exact: bool = field(default=True, metadata={"help": "Remove exact duplicate documents."})
+    dedup_near: bool = field(default=True, metadata={"help": "Remove near duplicates (MinHash LSH)."})
+    near_dup_threshold: float = field(default=0.8, metadata={"help": "Jaccard threshold for near duplicates."})
+
+    def __post_init__(self):
+        if self.train_files and self.sources:
+            raise ValueError("--train_files and --sources name the same thing; give one")
+        if self.dataset_path and (self.train_files or self.sources):
+            raise ValueError("--dataset_path is already prepared data; do not also give raw --sources")
+        if not 0 <= self.validation_split_percentage < 100:
+            raise ValueError("--validation_split_percentage must be in [0, 100)")
+        if self.txt_unit not in ("file", "line", "paragraph"):
+            raise ValueError("--txt_unit must be file, line or paragraph")
+        if self.block_size < 2:
+            raise ValueError("--block_size must be at least 2")
+
+    @property
+    def source_specs(self) -> list[str]:
+        return self.sources or self.train_files or ["shakespeare"]
+
+    def cleaning_config(self) -> CleaningConfig:
+        names = {f.name for f in fields(CleaningConfig)}
+        config = CleaningConfig(**{k: v for k, v in asdict(self).items() if k in names})
+        if not self.clean:
+            config = CleaningConfig(unicode_normalization="none", remove_control_chars=False, strip_html=False,
+                                    min_chars=0, max_chars=0, max_duplicate_line_fraction=1.0,
+                                    min_unique_word_fraction=0.0, dedup_exact=False, dedup_near=False)
+        return config
+
+
+@dataclass
+class TrainArguments(TrainingArguments):
+    """TrainingArguments with pretraining defaults and the options transformers 5 dropped but scripts use."""
+
+    output_dir: str = field(default="outputs/run", metadata={"help": "Checkpoints, logs and the final model."})
+    overwrite_output_dir: bool = field(default=False, metadata={
+        "help": "Allow training into a non-empty output_dir that holds no checkpoint (its files are kept)."})
+    logging_dir: str | None = field(default=None, metadata={"help": "TensorBoard log directory."})
+    min_lr_ratio: float = field(default=0.1, metadata={"help": "Cosine decay ends at learning_rate * this."})
+    lr_scheduler_type: str = field(default="cosine_with_min_lr", metadata={"help": "LR schedule after warmup."})
+    adam_beta2: float = field(default=0.95, metadata={"help": "AdamW beta2 (0.95 is usual for LLM pretraining)."})
+    weight_decay: float = field(default=0.1, metadata={"help": "AdamW weight decay (not on norms/biases)."})
+    max_grad_norm: float = field(default=1.0, metadata={"help": "Gradient clipping."})
+    logging_steps: float = field(default=10, metadata={"help": "Log every N steps."})
+    report_to: str | list[str] = field(default="none", metadata={"help": "none, tensorboard, swanlab (offline ok)."})
+    save_total_limit: int | None = field(default=3, metadata={"help": "Keep at most this many checkpoints."})
+    plot_curves: bool = field(default=True, metadata={"help": "Write training_curves.png at the end."})
+    peak_tflops: float | None = field(default=None, metadata={
+        "help": "Per-device dense bf16 peak for the MFU estimate (default: known GPUs, e.g. 989 for H100)."})
+
+    def __post_init__(self):
+        if self.lr_scheduler_type == "cosine_with_min_lr":
+            self.lr_scheduler_kwargs = {"min_lr_rate": self.min_lr_ratio, **(self.lr_scheduler_kwargs or {})}
+        if self.logging_dir:
+            os.environ.setdefault("TENSORBOARD_LOGGING_DIR", self.logging_dir)
+        super().__post_init__()
+
+
+def _config_file_to_argv(path: str) -> list[str]:
+    if path.endswith((".yaml", ".yml")):
+        import yaml
+
+        with open(path, encoding="utf-8") as handle:
+            values = yaml.safe_load(handle) or {}
+    else:
+        with open(path, encoding="utf-8") as handle:
+            values = json.load(handle)
+    if not isinstance(values, dict):
+        raise ValueError(f"{path}: expected a mapping of option names to values")
+    argv = []
+    for key, value in values.items():
+        argv.append(f"--{key}")
+        if isinstance(value, list):
+            argv.extend(str(v) for v in value)
+        elif isinstance(value, dict):
+            argv.append(json.dumps(value))
+        else:
+            argv.append(str(value))
+    return argv
+
+
+def translate_legacy_flags(argv: list[str]) -> list[str]:
+    translated, skip_values = [], False
+    for token in argv:
+        if token.startswith("--"):
+            name, eq, value = token[2:].partition("=")
+            skip_values = False
+            if name in LEGACY_FLAGS:
+                new = LEGACY_FLAGS[name]
+                if new is None:
+                    logger.info("--%s is accepted for compatibility and has no effect", name)
+                    skip_values = True
+                    continue
+                token = f"--{new}{eq}{value}"
+        elif skip_values:
+            continue
+        translated.append(token)
+    return translated
+
+
+def expand_config_file(argv: list[str]) -> list[str]:
+    """Move a config file's options in front of the flags, so flags override it."""
+    if argv and argv[0].endswith((".yaml", ".yml", ".json")) and not argv[0].startswith("-"):
+        return _config_file_to_argv(argv[0]) + argv[1:]
+    if "--config" in argv:
+        i = argv.index("--config")
+        return _config_file_to_argv(argv[i + 1]) + argv[:i] + argv[i + 2:]
+    return argv
+
+
+def parse_arguments(dataclass_types, argv: list[str] | None = None):
+    argv = list(sys.argv[1:] if argv is None else argv)
+    argv = translate_legacy_flags(expand_config_file(argv))
+    parser = HfArgumentParser(dataclass_types)
+    return parser.parse_args_into_dataclasses(args=argv)
+
+
+def save_resolved_config(output_dir: str, **groups) -> str:
+    """Write every resolved option next to the checkpoints, so a run can be inspected and repeated."""
+    os.makedirs(output_dir, exist_ok=True)
+    resolved = {}
+    for name, group in groups.items():
+        resolved[name] = json.loads(group.to_json_string()) if hasattr(group, "to_json_string") else asdict(group)
+    path = os.path.join(output_dir, "lmtrain_config.json")
+    with open(path, "w", encoding="utf-8") as handle:
+        json.dump(resolved, handle, indent=2, default=str)
+    return path

@@ -1,0 +1,149 @@
+"""Document cleaning and deduplication. Each step is switchable; the defaults suit web text.
+
+Per document (parallel, in `datasets.map`): Unicode normalization, control characters, HTML tags, length
+limits, repetition filters, an exact-content hash and a MinHash signature. Across documents (one pass in
+the main process, over compact columns): exact duplicates by hash, near duplicates by MinHash LSH
+(`datasketch`). The first occurrence of a duplicate is kept, so results do not depend on worker count.
+"""
+from __future__ import annotations
+
+import hashlib
+import re
+import unicodedata
+from dataclasses import dataclass
+
+import numpy as np
+
+# C0/C1 control characters except tab, newline and carriage return, plus zero-width and BOM characters
+# that scraped text carries invisibly.
+_CONTROL = re.compile("[\x00-\x08\x0b\x0c\x0e-\x1f\x7f-\x9f\u200b\u200e\u200f\ufeff]")
+_HTML_TAG = re.compile(r"<(?:script|style)\b[^>]*>.*?</(?:script|style)\s*>|<!--.*?-->|</?[a-zA-Z][^<>]{0,500}>",
+                       re.S | re.I)
+_HTML_ENTITY = re.compile(r"&(?:nbsp|amp|lt|gt|quot|#\d+|#x[0-9a-f]+);", re.I)
+_WORD = re.compile(r"\w+", re.U)
+
+
+@dataclass
+class CleaningConfig:
+    unicode_normalization: str = "NFC"      # NFC, NFKC or none
+    remove_control_chars: bool = True
+    strip_html: bool = True
+    min_chars: int = 20
+    max_chars: int = 0                       # 0: no upper limit
+    max_duplicate_line_fraction: float = 0.3  # share of characters in lines that repeat within the document
+    min_unique_word_fraction: float = 0.1    # distinct words / words, for documents of 50+ words
+    dedup_exact: bool = True
+    dedup_near: bool = True
+    near_dup_threshold: float = 0.8          # estimated Jaccard similarity of word 5-gram shingles
+    minhash_num_perm: int = 128
+    shingle_words: int = 5
+
+
+def _unescape_entities(match: re.Match) -> str:
+    import html
+
+    return html.unescape(match.group(0))
+
+
+def clean_text(text: str, config: CleaningConfig) -> tuple[str, str]:
+    """The cleaned text and "" or the reason the document is dropped."""
+    if config.unicode_normalization.lower() != "none":
+        text = unicodedata.normalize(config.unicode_normalization.upper(), text)
+    if config.remove_control_chars:
+        text = _CONTROL.sub("", text)
+    if config.strip_html and "<" in text:
+        text = _HTML_ENTITY.sub(_unescape_entities, _HTML_TAG.sub("", text))
+    text = text.strip()
+    if len(text) < config.min_chars:
+        return text, "too_short"
+    if config.max_chars and len(text) > config.max_chars:
+        return text, "too_long"
+    if config.max_duplicate_line_fraction < 1 and duplicate_line_fraction(text) > config.max_duplicate_line_fraction:
+        return text, "repetitive_lines"
+    if config.min_unique_word_fraction > 0:
+        words = _WORD.findall(text.lower())
+        if len(words) >= 50 and len(set(words)) / len(words) < config.min_unique_word_fraction:
+            return text, "repetitive_words"
+    return text, ""
+
+
+def duplicate_line_fraction(text: str) -> float:
+    """Share of characters in non-empty lines that already appeared earlier in the document (Gopher-style)."""
+    seen: set[str] = set()
+    duplicated = total = 0
+    for line in text.split("\n"):
+        line = line.strip()
+        if not line:
+            continue
+        total += len(line)
+        if line in seen:
+            duplicated += len(line)
+        seen.add(line)
+    return duplicated / total if total else 0.0
+
+
+def content_hash(text: str) -> int:
+    """64-bit hash of the text, for exact deduplication (collision odds are negligible below billions)."""
+    return int.from_bytes(hashlib.blake2b(text.encode("utf-8"), digest_size=8).digest(), "little", signed=True)
+
+
+def shingles(text: str, n: int) -> list[bytes]:
+    words = _WORD.findall(text.lower())
+    if len(words) <= n:
+        return [" ".join(words).encode("utf-8")]
+    return [" ".join(words[i:i + n]).encode("utf-8") for i in range(len(words) - n + 1)]
+
+
+def minhash_signatures(texts: list[str], config: CleaningConfig) -> list[np.ndarray]:
+    from datasketch import MinHash
+
+    signatures = MinHash.bulk([shingles(t, config.shingle_words) for t in texts], num_perm=config.minhash_num_perm)
+    return [m.hashvalues.astype(np.uint64) for m in signatures]
+
+
+def clean_batch(batch: dict, config: CleaningConfig) -> dict:
+    """`datasets.map` function: cleans texts of still-kept rows, adds `hash` and (if enabled) `minhash`."""
+    texts, drops, hashes = [], [], []
+    for text, drop in zip(batch["text"], batch["drop"]):
+        if not drop:
+            text, drop = clean_text(text, config)
+        texts.append(text)
+        drops.append(drop)
+        hashes.append(content_hash(text) if not drop else 0)
+    out = {"text": texts, "drop": drops, "hash": hashes}
+    if config.dedup_near:
+        signatures = minhash_signatures([t if not d else "" for t, d in zip(texts, drops)], config)
+        out["minhash"] = [s if not d else s[:0] for s, d in zip(signatures, drops)]
+    return out
+
+
+def exact_duplicates(hashes: np.ndarray, candidates: np.ndarray) -> np.ndarray:
+    """Boolean mask over rows: True where a candidate row's hash appeared in an earlier candidate row."""
+    duplicate = np.zeros(len(hashes), dtype=bool)
+    rows = np.flatnonzero(candidates)
+    _, first = np.unique(hashes[rows], return_index=True)
+    duplicate[rows] = True
+    duplicate[rows[first]] = False
+    return duplicate
+
+
+def near_duplicates(signature_batches, config: CleaningConfig, total_rows: int) -> np.ndarray:
+    """Boolean mask: True where a row's MinHash matches an earlier kept row in the LSH index.
+
+    `signature_batches` yields (row_offset, list of signatures or empty arrays for rows not to consider).
+    The LSH index lives in memory: about num_perm * 8 bytes per kept document.
+    """
+    from datasketch import LeanMinHash, MinHashLSH
+
+    lsh = MinHashLSH(threshold=config.near_dup_threshold, num_perm=config.minhash_num_perm)
+    duplicate = np.zeros(total_rows, dtype=bool)
+    for offset, signatures in signature_batches:
+        for i, values in enumerate(signatures):
+            if len(values) == 0:
+                continue
+            minhash = LeanMinHash(seed=1, hashvalues=np.asarray(values, dtype=np.uint64))
+            if lsh.query(minhash):
+                duplicate[offset + i] = True
+            else:
+                lsh.insert(offset + i, minhash, check_duplication=False)
+    return duplicate

@@ -1,0 +1,355 @@
+"""The pretraining data pipeline: load -> clean -> deduplicate -> split -> tokenize -> mix -> pack.
+
+`prepare_pretrain_data` is the one entry point: data_prep/prepare_pretrain.py saves its result to disk,
+pretrain.py calls it when handed raw files. Each heavy step is a cached `datasets` operation (a second run
+with the same inputs and settings reuses it and says so); intermediate results live in Arrow files on
+disk, so corpora larger than RAM only cost disk.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import time
+from collections import Counter
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import datasets
+import numpy as np
+import pyarrow as pa
+from datasets.arrow_writer import ArrowWriter
+from tqdm.auto import tqdm
+
+from lmtrain.arguments import DataArguments
+from lmtrain.data.cleaning import CleaningConfig, clean_batch, exact_duplicates, near_duplicates
+from lmtrain.data.packing import BlockPacker, blocks_to_arrow
+from lmtrain.data.sources import (DataError, ReadStats, SourceSpec, read_file, read_hub_dataset,
+                                  resolve_source_files)
+
+logger = logging.getLogger(__name__)
+READ_FEATURES = datasets.Features({"text": datasets.Value("string"), "source": datasets.Value("string"),
+                                   "drop": datasets.Value("string")})
+
+
+@dataclass
+class PreparationReport:
+    """What happened to the data; saved as report.json and printed as a summary."""
+
+    sources: dict = field(default_factory=dict)
+    documents_read: int = 0
+    dropped: dict = field(default_factory=dict)
+    documents_kept: dict = field(default_factory=dict)
+    tokens: dict = field(default_factory=dict)
+    blocks: dict = field(default_factory=dict)
+    block_size: int = 0
+    padded_tokens: int = 0
+    dropped_remainder_tokens: int = 0
+    doc_chars: dict = field(default_factory=dict)
+    doc_tokens: dict = field(default_factory=dict)
+    bytes_per_token: float = 0.0
+    cache: dict = field(default_factory=dict)
+    seconds: dict = field(default_factory=dict)
+
+    def summary(self) -> str:
+        lines = [f"documents read: {self.documents_read}"]
+        lines += [f"  dropped ({reason}): {count}" for reason, count in sorted(self.dropped.items())]
+        lines.append(f"documents kept: {self.documents_kept}")
+        lines.append(f"tokens: {self.tokens}   blocks of {self.block_size}: {self.blocks}")
+        lines.append(f"document length, chars:  {self.doc_chars}")
+        lines.append(f"document length, tokens: {self.doc_tokens}")
+        lines.append(f"bytes per token: {self.bytes_per_token:.3f}")
+        for name, info in self.sources.items():
+            lines.append(f"source {name}: weight share {info['target_share']:.3f}, "
+                         f"achieved token share {info['achieved_share']:.3f} ({info['train_tokens']} tokens, "
+                         f"x{info['epochs']:.2f} of its data)")
+        lines.append("cache: " + ", ".join(f"{step}={state}" for step, state in self.cache.items()))
+        return "\n".join(lines)
+
+
+def _percentiles(values: np.ndarray) -> dict:
+    if len(values) == 0:
+        return {}
+    p50, p90, p95 = np.percentile(values, [50, 90, 95])
+    return {"p50": int(p50), "p90": int(p90), "p95": int(p95), "max": int(values.max())}
+
+
+def _generate_records(files: list[str], source: str, text_field: str, txt_unit: str, strict: bool,
+                      stamps: list[str]):
+    """Generator for `Dataset.from_generator`. Dropped records become rows with a reason, so their counts
+    survive caching and multiprocessing. `stamps` (size, mtime) only make the cache key change with files."""
+    del stamps
+    for path in files:
+        stats = ReadStats()
+        if path.startswith("hub://"):
+            records = read_hub_dataset(path[len("hub://"):], text_field, "train", stats, strict)
+        else:
+            records = read_file(path, text_field, txt_unit, stats, strict)
+        for text in records:
+            for reason in stats.dropped.elements():
+                yield {"text": "", "source": source, "drop": reason}
+            stats.dropped.clear()
+            yield {"text": text, "source": source, "drop": ""}
+        for reason in stats.dropped.elements():
+            yield {"text": "", "source": source, "drop": reason}
+        for empty in stats.empty_files:
+            yield {"text": empty, "source": source, "drop": "empty_file"}
+
+
+def _stamp(path: str) -> str:
+    if path.startswith("hub://"):
+        return path
+    stat = os.stat(path)
+    return f"{path}:{stat.st_size}:{stat.st_mtime_ns}"
+
+
+def read_source(spec: SourceSpec, args: DataArguments, cache_dir: str | None) -> datasets.Dataset:
+    files = resolve_source_files(spec)
+    files = files if files is not None else [f"hub://{spec.location}"]
+    num_proc = min(args.preprocessing_num_workers or 1, len(files))
+    return datasets.Dataset.from_generator(
+        _generate_records, features=READ_FEATURES, cache_dir=cache_dir, num_proc=num_proc if num_proc > 1 else None,
+        gen_kwargs={"files": files, "source": spec.name, "text_field": args.text_field, "txt_unit": args.txt_unit,
+                    "strict": not args.lenient, "stamps": [_stamp(f) for f in files]},
+    )
+
+
+def tokenize_table(table: pa.Table, tokenizer) -> pa.Table:
+    """Arrow batch -> per-document `input_ids` (ending in EOS), `num_tokens`, `num_bytes`, `source`.
+
+    Calls the Rust tokenizer directly on the whole batch (parallel inside), and builds Arrow arrays from
+    flat NumPy buffers: this keeps the step close to raw `tokenizers` speed.
+    """
+    texts = table.column("text").to_pylist()
+    backend = tokenizer.backend_tokenizer
+    encode = getattr(backend, "encode_batch_fast", backend.encode_batch)
+    ids = [encoding.ids for encoding in encode(texts, add_special_tokens=True)]
+    eos = tokenizer.eos_token_id
+    for doc in ids:
+        if not doc or doc[-1] != eos:
+            doc.append(eos)
+    lengths = np.fromiter((len(doc) for doc in ids), dtype=np.int64, count=len(ids))
+    flat = np.fromiter((t for doc in ids for t in doc), dtype=np.int32, count=int(lengths.sum()))
+    offsets = np.concatenate([[0], np.cumsum(lengths)]).astype(np.int32)
+    num_bytes = pa.compute.binary_length(table.column("text").cast(pa.string()).combine_chunks().cast(pa.binary()))
+    return pa.table({
+        "input_ids": pa.ListArray.from_arrays(pa.array(offsets), pa.array(flat)),
+        "num_tokens": pa.array(lengths),
+        "num_bytes": num_bytes.cast(pa.int64()),
+        "num_chars": pa.compute.utf8_length(table.column("text")).cast(pa.int64()),
+        "source": table.column("source"),
+    })
+
+
+def _reused(dataset: datasets.Dataset, started: float) -> str:
+    """'reused' when the step's output came from the datasets cache rather than being computed now."""
+    files = dataset.cache_files
+    if files and all(os.path.getmtime(f["filename"]) < started for f in files):
+        return "reused"
+    return "computed"
+
+
+def _pack(tokenized: datasets.Dataset, indices: np.ndarray, block_size: int, pad_id: int, drop_remainder: bool,
+          cache_dir: Path, overwrite: bool, desc: str) -> tuple[datasets.Dataset, dict]:
+    """Pack the selected documents, in order, into blocks written straight to an Arrow file (cached)."""
+    key = hashlib.sha256(json.dumps([tokenized._fingerprint, block_size, pad_id, drop_remainder]).encode()
+                         + indices.tobytes()).hexdigest()[:24]
+    path = cache_dir / f"packed-{key}.arrow"
+    meta_path = path.with_suffix(".json")
+    if path.exists() and meta_path.exists() and not overwrite:
+        return datasets.Dataset.from_file(str(path)), {**json.loads(meta_path.read_text()), "cache": "reused"}
+    packer = BlockPacker(block_size, pad_id, drop_remainder)
+    tmp = path.with_suffix(".tmp")
+    selected = tokenized.select(indices).with_format("arrow")
+    blocks = 0
+    with ArrowWriter(path=str(tmp)) as writer, tqdm(total=len(indices), desc=desc, unit="doc") as bar:
+        for table in selected.iter(batch_size=4096):
+            column = table.column("input_ids").combine_chunks()
+            flat = column.values.to_numpy(zero_copy_only=False)
+            lengths = np.diff(column.offsets.to_numpy())
+            for block in packer.add(flat[column.offsets[0].as_py():], lengths):
+                writer.write_table(blocks_to_arrow(block))
+                blocks += len(block["input_ids"])
+            bar.update(len(table))
+        for block in packer.finish():
+            writer.write_table(blocks_to_arrow(block))
+            blocks += 1
+        writer.finalize()
+    tmp.replace(path)
+    meta = {"blocks": blocks, "padded_tokens": packer.padded_tokens, "dropped_tokens": packer.dropped_tokens}
+    meta_path.write_text(json.dumps(meta))
+    return datasets.Dataset.from_file(str(path)), {**meta, "cache": "computed"}
+
+
+def mixture_selection(sources: np.ndarray, num_tokens: np.ndarray, candidates: np.ndarray,
+                      weights: dict[str, float], total_tokens: int, rng: np.random.Generator):
+    """Document indices whose token counts meet each source's weight share of `total_tokens`.
+
+    A source with too few tokens is repeated (whole passes, then a random subset); one with too many is
+    subsampled. Returns the selected indices (shuffled together when there are several sources) and, per
+    source, the tokens it holds and the tokens selected.
+    """
+    weight_sum = sum(weights.values())
+    selected, per_source = [], {}
+    for name, weight in weights.items():
+        rows = candidates[sources[candidates] == name]
+        held = int(num_tokens[rows].sum())
+        target = total_tokens * weight / weight_sum
+        if held == 0:
+            raise DataError(f"source '{name}' has no documents left after cleaning and splitting")
+        passes = int(target // held)
+        chosen = [rows] * passes
+        order = rng.permutation(rows)
+        cumulative = np.cumsum(num_tokens[order])
+        chosen.append(order[: int(np.searchsorted(cumulative, target - passes * held))])
+        picked = np.concatenate(chosen) if chosen else rows[:0]
+        per_source[name] = {"weight": weight, "target_share": weight / weight_sum, "held_tokens": held,
+                            "train_tokens": int(num_tokens[picked].sum()), "epochs": int(num_tokens[picked].sum()) / held}
+        selected.append(picked)
+    indices = np.concatenate(selected)
+    if len(weights) > 1:
+        indices = rng.permutation(indices)  # interleave sources so every block sees the mixture
+    total = sum(s["train_tokens"] for s in per_source.values()) or 1
+    for info in per_source.values():
+        info["achieved_share"] = info["train_tokens"] / total
+    return indices, per_source
+
+
+def _drop_counts(dataset: datasets.Dataset) -> Counter:
+    return Counter(r for r in dataset.with_format("arrow")["drop"].to_pylist() if r)
+
+
+def _deduplicate(cleaned: datasets.Dataset, config: CleaningConfig) -> np.ndarray:
+    """Per-row drop reasons after exact and near deduplication (first occurrence kept)."""
+    table = cleaned.with_format("arrow")
+    drops = np.array(table["drop"].to_pylist(), dtype=object)
+    if config.dedup_exact:
+        hashes = table["hash"].to_numpy()
+        duplicate = exact_duplicates(hashes, drops == "")
+        drops[duplicate] = "exact_duplicate"
+    if config.dedup_near:
+        keep_now = drops == ""
+
+        def batches():
+            for offset in tqdm(range(0, len(cleaned), 8192), desc="near-dedup (LSH)", unit="batch"):
+                chunk = table[offset: offset + 8192]["minhash"].to_pylist()
+                yield offset, [v if keep_now[offset + i] else [] for i, v in enumerate(chunk)]
+
+        drops[near_duplicates(batches(), config, len(cleaned))] = "near_duplicate"
+    return drops
+
+
+def prepare_pretrain_data(args: DataArguments, tokenizer, cache_dir: str | None = None):
+    """Raw sources -> DatasetDict(train, validation) of packed blocks, and a PreparationReport."""
+    report = PreparationReport(block_size=args.block_size)
+    cache_root = Path(cache_dir or args.prepared_cache_dir or Path.home() / ".cache" / "lmtrain" / "prepared")
+    cache_root.mkdir(parents=True, exist_ok=True)
+    datasets_cache = str(cache_root / "datasets")
+    num_proc = args.preprocessing_num_workers if (args.preprocessing_num_workers or 1) > 1 else None
+    load_from_cache = not args.overwrite_cache
+    clock = time.perf_counter
+
+    specs = [SourceSpec.parse(s) for s in args.source_specs]
+    if len({s.name for s in specs}) != len(specs):
+        raise DataError("two sources have the same name; name them: NAME=PATH@WEIGHT")
+    started, t0 = time.time(), clock()
+    parts = [read_source(spec, args, datasets_cache) for spec in specs]
+    if args.validation_files:
+        parts.append(_read_validation(args, datasets_cache))
+    raw = datasets.concatenate_datasets(parts) if len(parts) > 1 else parts[0]
+    report.cache["read"] = min((_reused(p, started) for p in parts), key=len)
+    report.seconds["read"] = round(clock() - t0, 2)
+
+    config = args.cleaning_config()
+    started, t0 = time.time(), clock()
+    if any([config.unicode_normalization.lower() != "none", config.remove_control_chars, config.strip_html,
+            config.min_chars, config.max_chars, config.dedup_exact, config.dedup_near]):
+        cleaned = raw.map(clean_batch, batched=True, batch_size=512, num_proc=num_proc, fn_kwargs={"config": config},
+                          load_from_cache_file=load_from_cache, desc="cleaning")
+        report.cache["clean"] = _reused(cleaned, started)
+        drops = _deduplicate(cleaned, config)
+        text_source = cleaned.remove_columns([c for c in cleaned.column_names if c not in ("text", "source")])
+    else:
+        drops = np.array(raw.with_format("arrow")["drop"].to_pylist(), dtype=object)
+        text_source = raw.remove_columns(["drop"])
+    report.seconds["clean_dedup"] = round(clock() - t0, 2)
+    report.dropped = dict(Counter(d for d in drops if d))
+    report.documents_read = int(sum(1 for d in drops if d not in ("empty_file",)))
+
+    kept = np.flatnonzero(drops == "")
+    if len(kept) == 0:
+        raise DataError(f"no documents left to train on (read {len(drops)}, dropped: {report.dropped}); "
+                        "check --text_field, the files, and the cleaning thresholds")
+    started, t0 = time.time(), clock()
+    tokenized = text_source.select(kept).with_format("arrow").map(
+        tokenize_table, batched=True, batch_size=1000, num_proc=num_proc, fn_kwargs={"tokenizer": tokenizer},
+        remove_columns=["text"], load_from_cache_file=load_from_cache, desc="tokenizing")
+    report.cache["tokenize"] = _reused(tokenized, started)
+    report.seconds["tokenize"] = round(clock() - t0, 2)
+
+    meta = tokenized.with_format("arrow").select_columns(["num_tokens", "num_bytes", "num_chars", "source"])
+    sources = np.array(meta["source"].to_pylist(), dtype=object)
+    num_tokens = meta["num_tokens"].to_numpy()
+    num_bytes = meta["num_bytes"].to_numpy()
+    report.doc_chars = _percentiles(meta["num_chars"].to_numpy())
+    report.doc_tokens = _percentiles(num_tokens)
+    report.bytes_per_token = float(num_bytes.sum() / max(1, num_tokens.sum()))
+
+    rng = np.random.default_rng(args.prepare_seed)
+    if args.validation_files:
+        is_validation = sources == "__validation__"
+    else:
+        # Split whole documents before packing: no document can straddle train and validation.
+        is_validation = rng.random(len(sources)) < args.validation_split_percentage / 100
+        if args.validation_split_percentage > 0 and not is_validation.any() and len(sources) > 1:
+            is_validation[rng.integers(len(sources))] = True
+    train_rows = np.flatnonzero(~is_validation)
+    validation_rows = np.flatnonzero(is_validation)
+    weights = {s.name: s.weight for s in specs}
+    total = args.mixture_tokens or int(num_tokens[train_rows].sum())
+    train_indices, report.sources = mixture_selection(sources, num_tokens, train_rows, weights, total, rng)
+    report.documents_kept = {"train": int(len(train_rows)), "validation": int(len(validation_rows))}
+
+    t0 = clock()
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    splits = {}
+    for split, indices in (("train", train_indices), ("validation", validation_rows)):
+        if len(indices) == 0:
+            continue
+        packed, info = _pack(tokenized, indices, args.block_size, pad_id, args.drop_remainder, cache_root,
+                             args.overwrite_cache, desc=f"packing {split}")
+        splits[split] = packed
+        report.blocks[split] = info["blocks"]
+        report.tokens[split] = int(num_tokens[indices].sum())
+        report.padded_tokens += info["padded_tokens"]
+        report.dropped_remainder_tokens += info["dropped_tokens"]
+        report.cache[f"pack_{split}"] = info["cache"]
+    report.seconds["pack"] = round(clock() - t0, 2)
+    if "train" not in splits or report.blocks["train"] == 0:
+        raise DataError(f"the training split holds no block of {args.block_size} tokens "
+                        f"({report.tokens.get('train', 0)} tokens); lower --block_size or add data")
+    return datasets.DatasetDict(splits), report
+
+
+def _read_validation(args: DataArguments, cache_dir: str) -> datasets.Dataset:
+    files = [f for spec in args.validation_files for f in (resolve_source_files(SourceSpec.parse(spec)) or [])]
+    return datasets.Dataset.from_generator(
+        _generate_records, features=READ_FEATURES, cache_dir=cache_dir,
+        gen_kwargs={"files": files, "source": "__validation__", "text_field": args.text_field,
+                    "txt_unit": args.txt_unit, "strict": not args.lenient, "stamps": [_stamp(f) for f in files]})
+
+
+def save_prepared(dataset: datasets.DatasetDict, report: PreparationReport, output_dir: str, tokenizer):
+    """The prepared directory: the DatasetDict, report.json, and the tokenizer it was made with."""
+    dataset.save_to_disk(output_dir)
+    with open(os.path.join(output_dir, "report.json"), "w", encoding="utf-8") as handle:
+        json.dump(report.__dict__, handle, indent=2)
+    tokenizer.save_pretrained(os.path.join(output_dir, "tokenizer"))
+
+
+def load_prepared(path: str) -> datasets.DatasetDict:
+    if not os.path.exists(os.path.join(path, "dataset_dict.json")):
+        raise DataError(f"'{path}' is not a prepared dataset directory (no dataset_dict.json); "
+                        "create one with data_prep/prepare_pretrain.py")
+    return datasets.load_from_disk(path)

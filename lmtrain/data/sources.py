@@ -1,0 +1,274 @@
+"""Reading raw corpora: jsonl / json / txt / parquet files, globs, directories, Hugging Face datasets and the
+built-in demo corpus, into a stream of `{"text", "source"}` records.
+
+Every bad record is either an error that names the file, the line and the problem (``strict=True``) or a
+counted drop (``strict=False``); problems that make a whole input unusable (a missing file, a text field that
+no record has) are always errors, because dropping a whole file silently is never what a user wants.
+"""
+from __future__ import annotations
+
+import glob
+import json
+import logging
+import os
+from collections import Counter
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Iterator
+
+logger = logging.getLogger(__name__)
+
+TEXT_SUFFIXES = {".jsonl", ".json", ".txt", ".text", ".md", ".parquet"}
+# How many JSON objects we read before deciding that a text field which none of them has is a wrong column
+# name (an error) rather than a few bad records (drops). Bounded, so a huge file never hangs on this check.
+FIELD_CHECK_RECORDS = 100
+
+
+class DataError(ValueError):
+    """Bad input that the user must fix; the message names the file, line and field."""
+
+
+@dataclass
+class SourceSpec:
+    """One entry of a mixture: where the text is and its sampling weight (relative token share)."""
+
+    name: str
+    location: str
+    weight: float = 1.0
+
+    @classmethod
+    def parse(cls, spec: str) -> "SourceSpec":
+        """`PATH`, `PATH@WEIGHT`, `NAME=PATH` or `NAME=PATH@WEIGHT` (PATH: file, glob, directory, hub name)."""
+        name, _, rest = spec.partition("=") if "=" in spec.split("@")[0] else ("", "", spec)
+        location, _, weight = rest.rpartition("@") if "@" in rest else (rest, "", "1")
+        try:
+            weight_value = float(weight)
+        except ValueError:
+            raise DataError(f"source '{spec}': weight '{weight}' is not a number (use PATH@0.6)") from None
+        if weight_value <= 0:
+            raise DataError(f"source '{spec}': weight must be > 0")
+        if not name:
+            base = os.path.basename(location.rstrip("/").replace("*", "")) or location
+            name = base.split(".")[0] or "source"
+        return cls(name=name, location=location, weight=weight_value)
+
+
+@dataclass
+class ReadStats:
+    """What happened while reading, per reason; merged into the preparation report."""
+
+    records_read: int = 0
+    dropped: Counter = field(default_factory=Counter)
+    empty_files: list = field(default_factory=list)
+
+    def drop(self, reason: str, where: str, strict: bool, message: str):
+        if strict:
+            raise DataError(f"{where}: {message} (use --lenient to drop and count such records instead)")
+        self.dropped[reason] += 1
+        if self.dropped[reason] <= 3:  # a few examples help; thousands of lines would drown the log
+            logger.warning("dropping record at %s: %s", where, message)
+
+
+def expand_location(location: str) -> list[str] | None:
+    """Local files for a location, or None when it is not local (then it is a hub dataset name)."""
+    if any(ch in location for ch in "*?["):
+        files = sorted(glob.glob(location, recursive=True))
+        if not files:
+            raise DataError(f"no file matches '{location}'")
+        return files
+    path = Path(location)
+    if path.is_dir():
+        if (path / "dataset_info.json").exists() or (path / "dataset_dict.json").exists():
+            return None  # a datasets.save_to_disk directory: read through `datasets`
+        files = sorted(str(p) for p in path.rglob("*") if p.is_file() and p.suffix.lower() in TEXT_SUFFIXES)
+        if not files:
+            raise DataError(f"directory '{location}' holds no {sorted(TEXT_SUFFIXES)} files")
+        return files
+    if path.suffix.lower() in TEXT_SUFFIXES or os.sep in location or location.startswith("."):
+        if not path.exists():
+            raise DataError(f"file '{location}' does not exist")
+        return [location]
+    return None
+
+
+def _check_text(value, where: str, text_field: str, stats: ReadStats, strict: bool) -> str | None:
+    if value is None:
+        stats.drop("missing_text", where, strict, f"field '{text_field}' is missing or null")
+        return None
+    if not isinstance(value, str):
+        stats.drop("non_string_text", where, strict,
+                   f"field '{text_field}' is a {type(value).__name__}, not a string")
+        return None
+    if not value.strip():
+        # Empty texts are a normal sight in scraped data: always counted, never fatal.
+        stats.dropped["empty_text"] += 1
+        return None
+    return value
+
+
+def read_jsonl(path: str, text_field: str, stats: ReadStats, strict: bool) -> Iterator[str]:
+    """Yield texts line by line; reads bytes so that a non-UTF-8 line is reported with its line number."""
+    seen_fields: Counter = Counter()
+    objects = with_field = 0
+    with open(path, "rb") as handle:
+        for line_number, raw in enumerate(handle, start=1):
+            where = f"{path}:{line_number}"
+            if not raw.strip():
+                continue
+            stats.records_read += 1
+            try:
+                line = raw.decode("utf-8")
+            except UnicodeDecodeError as err:
+                stats.drop("invalid_utf8", where, strict, f"not valid UTF-8 ({err.reason} at byte {err.start})")
+                continue
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError as err:
+                stats.drop("malformed_json", where, strict, f"malformed JSON ({err.msg}, column {err.colno})")
+                continue
+            if not isinstance(record, dict):
+                stats.drop("not_an_object", where, strict, f"expected a JSON object, got {type(record).__name__}")
+                continue
+            objects += 1
+            seen_fields.update(record.keys())
+            if text_field in record:
+                with_field += 1
+            elif with_field == 0 and objects >= FIELD_CHECK_RECORDS:
+                _raise_wrong_field(path, text_field, seen_fields)
+            elif strict and with_field == 0:
+                _raise_wrong_field(f"{where}", text_field, seen_fields)
+            text = _check_text(record.get(text_field), where, text_field, stats, strict)
+            if text is not None:
+                yield text
+    if objects and not with_field:
+        _raise_wrong_field(path, text_field, seen_fields)
+
+
+def _raise_wrong_field(path: str, text_field: str, seen_fields: Counter):
+    fields = ", ".join(name for name, _ in seen_fields.most_common(8))
+    raise DataError(f"{path}: no record has the field '{text_field}'; fields found: {fields}. "
+                    f"Pass --text_field with the right name")
+
+
+def read_json_array(path: str, text_field: str, stats: ReadStats, strict: bool) -> Iterator[str]:
+    with open(path, "rb") as handle:
+        head = handle.read(64).lstrip()
+    if not head.startswith(b"["):
+        yield from read_jsonl(path, text_field, stats, strict)  # many ".json" files are really JSON lines
+        return
+    try:
+        records = json.loads(Path(path).read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise DataError(f"{path}: not a valid JSON array ({err})") from None
+    if records and not any(isinstance(r, dict) and text_field in r for r in records):
+        _raise_wrong_field(path, text_field, Counter(k for r in records if isinstance(r, dict) for k in r))
+    for index, record in enumerate(records):
+        stats.records_read += 1
+        where = f"{path}[{index}]"
+        if not isinstance(record, dict):
+            stats.drop("not_an_object", where, strict, f"expected a JSON object, got {type(record).__name__}")
+            continue
+        text = _check_text(record.get(text_field), where, text_field, stats, strict)
+        if text is not None:
+            yield text
+
+
+def read_txt(path: str, unit: str, stats: ReadStats, strict: bool) -> Iterator[str]:
+    """A text file as one document (`file`), one per line (`line`) or per blank-line paragraph."""
+    def decode(raw: bytes, where: str) -> str | None:
+        try:
+            return raw.decode("utf-8")
+        except UnicodeDecodeError as err:
+            stats.drop("invalid_utf8", where, strict, f"not valid UTF-8 ({err.reason} at byte {err.start})")
+            return None
+
+    if unit == "file":
+        stats.records_read += 1
+        text = decode(Path(path).read_bytes(), path)
+        if text is not None and text.strip():
+            yield text
+        elif text is not None:
+            stats.dropped["empty_text"] += 1
+        return
+    paragraph: list[str] = []
+    with open(path, "rb") as handle:
+        for line_number, raw in enumerate(handle, start=1):
+            line = decode(raw, f"{path}:{line_number}")
+            if line is None:
+                continue
+            if unit == "line":
+                stats.records_read += 1
+                if line.strip():
+                    yield line.rstrip("\n")
+            elif line.strip():
+                paragraph.append(line)
+            elif paragraph:
+                stats.records_read += 1
+                yield "".join(paragraph).rstrip("\n")
+                paragraph = []
+    if paragraph:
+        stats.records_read += 1
+        yield "".join(paragraph).rstrip("\n")
+
+
+def read_parquet(path: str, text_field: str, stats: ReadStats, strict: bool) -> Iterator[str]:
+    import pyarrow.parquet as pq
+
+    parquet = pq.ParquetFile(path)
+    if text_field not in parquet.schema_arrow.names:
+        raise DataError(f"{path}: no column '{text_field}'; columns: {', '.join(parquet.schema_arrow.names)}. "
+                        f"Pass --text_field with the right name")
+    row = 0
+    for batch in parquet.iter_batches(columns=[text_field], batch_size=8192):
+        for value in batch.column(0).to_pylist():
+            stats.records_read += 1
+            text = _check_text(value, f"{path} row {row}", text_field, stats, strict)
+            row += 1
+            if text is not None:
+                yield text
+
+
+def read_hub_dataset(name: str, text_field: str, split: str, stats: ReadStats, strict: bool) -> Iterator[str]:
+    """A hub dataset name (`name` or `name:config`) or a `save_to_disk` directory, streamed."""
+    import datasets
+
+    if os.path.isdir(name):
+        dataset = datasets.load_from_disk(name)
+        if isinstance(dataset, datasets.DatasetDict):
+            dataset = dataset[split]
+    else:
+        repo, _, config = name.partition(":")
+        dataset = datasets.load_dataset(repo, config or None, split=split, streaming=True)
+    columns = dataset.column_names or []
+    if columns and text_field not in columns:
+        raise DataError(f"dataset '{name}': no column '{text_field}'; columns: {', '.join(columns)}")
+    for index, record in enumerate(dataset):
+        stats.records_read += 1
+        text = _check_text(record.get(text_field), f"{name}[{index}]", text_field, stats, strict)
+        if text is not None:
+            yield text
+
+
+def read_file(path: str, text_field: str, txt_unit: str, stats: ReadStats, strict: bool) -> Iterator[str]:
+    if os.path.getsize(path) == 0:
+        logger.warning("%s is empty: skipped", path)
+        stats.empty_files.append(path)
+        return
+    suffix = Path(path).suffix.lower()
+    if suffix == ".jsonl":
+        yield from read_jsonl(path, text_field, stats, strict)
+    elif suffix == ".json":
+        yield from read_json_array(path, text_field, stats, strict)
+    elif suffix == ".parquet":
+        yield from read_parquet(path, text_field, stats, strict)
+    else:
+        yield from read_txt(path, txt_unit, stats, strict)
+
+
+def resolve_source_files(spec: SourceSpec) -> list[str] | None:
+    """Files of a source (None for hub datasets); the built-in demo corpus is fetched on first use."""
+    from lmtrain.data.demo_corpus import DEMO_SOURCES, ensure_demo_corpus
+
+    if spec.location in DEMO_SOURCES:
+        return [str(ensure_demo_corpus(spec.location))]
+    return expand_location(spec.location)

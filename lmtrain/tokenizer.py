@@ -1,0 +1,104 @@
+"""Tokenizers: training the project's byte-level BPE, and loading any Hugging Face tokenizer directory.
+
+Special tokens: `<|endoftext|>` ends every pretraining document; `<|im_start|>` / `<|im_end|>` delimit chat
+turns (ChatML); `<|pad|>` is a dedicated pad token, so padding can be masked without ever masking a token
+whose loss matters (padding with EOS would hide the end-of-text token from the loss).
+"""
+from __future__ import annotations
+
+import logging
+from typing import Iterable, Iterator
+
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
+logger = logging.getLogger(__name__)
+
+END_OF_TEXT = "<|endoftext|>"
+IM_START = "<|im_start|>"
+IM_END = "<|im_end|>"
+PAD = "<|pad|>"
+SPECIAL_TOKENS = [END_OF_TEXT, IM_START, IM_END, PAD]
+
+# ChatML. `{% generation %}` marks what the assistant writes (its content and its <|im_end|>), so
+# `apply_chat_template(..., return_assistant_tokens_mask=True)` tells which tokens carry the SFT loss.
+CHATML_TEMPLATE = (
+    "{%- for message in messages -%}"
+    "{{- '<|im_start|>' + message['role'] + '\\n' -}}"
+    "{%- if message['role'] == 'assistant' -%}"
+    "{% generation %}{{- message['content'] + '<|im_end|>' -}}{% endgeneration %}{{- '\\n' -}}"
+    "{%- else -%}"
+    "{{- message['content'] + '<|im_end|>' + '\\n' -}}"
+    "{%- endif -%}"
+    "{%- endfor -%}"
+    "{%- if add_generation_prompt -%}{{- '<|im_start|>assistant\\n' -}}{%- endif -%}"
+)
+
+
+def train_bpe_tokenizer(texts: Iterable[str], vocab_size: int = 8192, min_frequency: int = 2,
+                        show_progress: bool = True):
+    """Train a byte-level BPE on `texts`; returns a `PreTrainedTokenizerFast` ready for `save_pretrained`.
+
+    Byte-level means every string round-trips exactly: `decode(encode(x)) == x` for any Unicode input.
+    """
+    from transformers import PreTrainedTokenizerFast
+
+    if vocab_size < 256 + len(SPECIAL_TOKENS) + 1:
+        raise ValueError(f"vocab_size {vocab_size} is too small: a byte-level BPE needs at least 261 entries")
+    tokenizer = Tokenizer(models.BPE())
+    # No normalizer: normalization would break the exact round trip. The GPT-2 split regex keeps words,
+    # numbers and punctuation apart before merging.
+    tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
+    tokenizer.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size,
+        min_frequency=min_frequency,
+        special_tokens=SPECIAL_TOKENS,
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=show_progress,
+    )
+    tokenizer.train_from_iterator(texts, trainer=trainer)
+    fast = PreTrainedTokenizerFast(
+        tokenizer_object=tokenizer,
+        eos_token=END_OF_TEXT,
+        pad_token=PAD,
+        unk_token=None,
+        bos_token=None,
+        additional_special_tokens=[IM_START, IM_END],
+        model_max_length=1_000_000,
+        clean_up_tokenization_spaces=False,
+    )
+    fast.chat_template = CHATML_TEMPLATE
+    return fast
+
+
+def sample_texts(texts: Iterable[str], max_chars: int) -> Iterator[str]:
+    """The first `max_chars` characters of a text stream (0: all): BPE merges converge long before a full
+    web corpus has been seen, and training time and memory grow with the sample."""
+    total = 0
+    for text in texts:
+        if max_chars and total >= max_chars:
+            return
+        yield text
+        total += len(text)
+
+
+def load_tokenizer(name_or_path: str, **kwargs):
+    """Any HF tokenizer directory or hub name.
+
+    Label masks in this project are built from positions (where padding was added, which tokens are
+    prompts), never by comparing token ids with `pad_token_id`. So a tokenizer whose pad token equals its
+    EOS token (common for LLaMA-style tokenizers) is safe here: the pad id only fills input positions and
+    the real end-of-text token keeps its loss. A tokenizer with no pad token gets one without growing the
+    vocabulary (which would need the model's embeddings resized).
+    """
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(name_or_path, **kwargs)
+    if tokenizer.eos_token_id is None:
+        raise ValueError(f"tokenizer '{name_or_path}' defines no eos_token, so documents could not be separated; "
+                         "set eos_token in its tokenizer_config.json")
+    if tokenizer.pad_token_id is None:
+        tokenizer.pad_token = PAD if PAD in tokenizer.get_vocab() else tokenizer.eos_token
+        logger.info("tokenizer '%s' has no pad token: padding with %s (labels are masked by position, "
+                    "so the end-of-text token still carries loss)", name_or_path, tokenizer.pad_token)
+    return tokenizer
