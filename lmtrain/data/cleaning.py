@@ -10,6 +10,7 @@ from __future__ import annotations
 import hashlib
 import re
 import unicodedata
+import zlib
 from dataclasses import dataclass
 
 import numpy as np
@@ -21,6 +22,7 @@ _HTML_TAG = re.compile(r"<(?:script|style)\b[^>]*>.*?</(?:script|style)\s*>|<!--
                        re.S | re.I)
 _HTML_ENTITY = re.compile(r"&(?:nbsp|amp|lt|gt|quot|#\d+|#x[0-9a-f]+);", re.I)
 _WORD = re.compile(r"\w+", re.U)
+MINHASH_SCHEME = "affine32"
 
 
 @dataclass
@@ -87,18 +89,30 @@ def content_hash(text: str) -> int:
     return int.from_bytes(hashlib.blake2b(text.encode("utf-8"), digest_size=8).digest(), "little", signed=True)
 
 
-def shingles(text: str, n: int) -> list[bytes]:
+def shingle_hashes(text: str, n: int) -> np.ndarray:
+    """32-bit hashes of the word n-grams of a document (CRC32: stable across processes and runs)."""
     words = _WORD.findall(text.lower())
     if len(words) <= n:
-        return [" ".join(words).encode("utf-8")]
-    return [" ".join(words[i:i + n]).encode("utf-8") for i in range(len(words) - n + 1)]
+        grams = [" ".join(words)]
+    else:
+        grams = [" ".join(words[i:i + n]) for i in range(len(words) - n + 1)]
+    return np.fromiter((zlib.crc32(g.encode("utf-8")) for g in grams), dtype=np.uint64, count=len(grams))
+
+
+def _identity(value):
+    return value
 
 
 def minhash_signatures(texts: list[str], config: CleaningConfig) -> list[np.ndarray]:
+    """datasketch MinHash signatures; shingles are pre-hashed so datasketch only permutes integers."""
     from datasketch import MinHash
 
-    signatures = MinHash.bulk([shingles(t, config.shingle_words) for t in texts], num_perm=config.minhash_num_perm)
-    return [m.hashvalues.astype(np.uint64) for m in signatures]
+    signatures = []
+    for text in texts:
+        minhash = MinHash(num_perm=config.minhash_num_perm, hashfunc=_identity, scheme=MINHASH_SCHEME)
+        minhash.update_batch(shingle_hashes(text, config.shingle_words))
+        signatures.append(minhash.hashvalues.astype(np.uint64))
+    return signatures
 
 
 def clean_batch(batch: dict, config: CleaningConfig) -> dict:
@@ -141,7 +155,7 @@ def near_duplicates(signature_batches, config: CleaningConfig, total_rows: int) 
         for i, values in enumerate(signatures):
             if len(values) == 0:
                 continue
-            minhash = LeanMinHash(seed=1, hashvalues=np.asarray(values, dtype=np.uint64))
+            minhash = LeanMinHash(seed=1, hashvalues=np.asarray(values, dtype=np.uint64), scheme=MINHASH_SCHEME)
             if lsh.query(minhash):
                 duplicate[offset + i] = True
             else:

@@ -59,11 +59,11 @@ class BlockPacker:
             self._tokens, self._doc_starts = self._tokens[cut:], self._doc_starts[cut:]
             self._stream_offset += cut
 
-    def _blocks(self, tokens: np.ndarray, doc_starts: np.ndarray) -> dict:
+    def _blocks(self, tokens: np.ndarray, doc_starts: np.ndarray, width: int | None = None) -> dict:
         stream_index = self._stream_offset + np.arange(len(tokens))
         block_starts = stream_index - (stream_index - self._stream_offset) % self.block_size
         positions = (stream_index - np.maximum(doc_starts, block_starts)).astype(np.int32)
-        shape = (-1, self.block_size)
+        shape = (-1, width or self.block_size)
         ids = tokens.reshape(shape)
         return {"input_ids": ids, "labels": ids.copy(), "position_ids": positions.reshape(shape)}
 
@@ -75,7 +75,7 @@ class BlockPacker:
         if self.drop_remainder:
             self.dropped_tokens += remainder
             return
-        block = self._blocks(self._tokens, self._doc_starts)
+        block = self._blocks(self._tokens, self._doc_starts, width=remainder)
         pad = self.block_size - remainder
         self.padded_tokens += pad
         yield {
