@@ -146,7 +146,6 @@ class TrainArguments(TrainingArguments):
     weight_decay: float = field(default=0.1, metadata={"help": "AdamW weight decay (not on norms/biases)."})
     max_grad_norm: float = field(default=1.0, metadata={"help": "Gradient clipping."})
     logging_steps: float = field(default=10, metadata={"help": "Log every N steps."})
-    report_to: str | list[str] = field(default="none", metadata={"help": "none, tensorboard, swanlab (offline ok)."})
     save_total_limit: int | None = field(default=3, metadata={"help": "Keep at most this many checkpoints."})
     plot_curves: bool = field(default=True, metadata={"help": "Write training_curves.png at the end."})
     peak_tflops: float | None = field(default=None, metadata={

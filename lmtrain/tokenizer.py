@@ -102,3 +102,20 @@ def load_tokenizer(name_or_path: str, **kwargs):
         logger.info("tokenizer '%s' has no pad token: padding with %s (labels are masked by position, "
                     "so the end-of-text token still carries loss)", name_or_path, tokenizer.pad_token)
     return tokenizer
+
+
+def end_of_turn_token_id(tokenizer) -> int | None:
+    """The special token the chat template puts right after an assistant message (<|im_end|> for ChatML,
+    <|eot_id|> for LLaMA 3, ...), read from the template itself; None without a chat template."""
+    if not getattr(tokenizer, "chat_template", None):
+        return None
+    marker = "lmtrain-end-of-turn-probe"
+    try:
+        text = tokenizer.apply_chat_template([{"role": "user", "content": "hi"},
+                                              {"role": "assistant", "content": marker}], tokenize=False)
+    except Exception as err:  # templates may reject unusual conversations; then there is nothing to learn
+        logger.warning("could not render the chat template to find its end-of-turn token: %s", err)
+        return None
+    tail = text[text.rfind(marker) + len(marker):]
+    ids = tokenizer(tail, add_special_tokens=False).input_ids if tail else []
+    return ids[0] if ids and ids[0] in tokenizer.all_special_ids else None

@@ -49,6 +49,7 @@ class PreparationReport:
     doc_chars: dict = field(default_factory=dict)
     doc_tokens: dict = field(default_factory=dict)
     bytes_per_token: float = 0.0
+    bytes_per_token_by_split: dict = field(default_factory=dict)
     cache: dict = field(default_factory=dict)
     seconds: dict = field(default_factory=dict)
 
@@ -322,6 +323,7 @@ def prepare_pretrain_data(args: DataArguments, tokenizer, cache_dir: str | None 
         splits[split] = packed
         report.blocks[split] = info["blocks"]
         report.tokens[split] = int(num_tokens[indices].sum())
+        report.bytes_per_token_by_split[split] = float(num_bytes[indices].sum() / max(1, report.tokens[split]))
         report.padded_tokens += info["padded_tokens"]
         report.dropped_remainder_tokens += info["dropped_tokens"]
         report.cache[f"pack_{split}"] = info["cache"]

@@ -1,0 +1,134 @@
+"""The one training path both stages use: output-dir and resume policy, the Trainer with the packed-block
+collator and evaluation metrics, monitoring callbacks, and the final save in Hugging Face format."""
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+from pathlib import Path
+
+import torch
+from transformers import Trainer
+from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
+
+from lmtrain.callbacks import CurvePlotCallback, ThroughputCallback
+
+logger = logging.getLogger(__name__)
+
+
+def collate_packed_blocks(rows: list[dict]) -> dict:
+    """Stack pre-packed rows. No attention_mask on purpose: with position_ids and no mask, transformers builds
+    a block-diagonal causal mask (SDPA/eager) or varlen flash-attention calls, so documents stay apart."""
+    batch = {}
+    for name in ("input_ids", "labels", "position_ids"):
+        batch[name] = torch.tensor([row[name] for row in rows], dtype=torch.long)
+    return batch
+
+
+def is_complete_checkpoint(path: Path) -> bool:
+    """A checkpoint a crash did not cut short: the trainer state (written last but one) parses and weights
+    exist (HF safetensors, or a DeepSpeed `latest` tag)."""
+    state = path / "trainer_state.json"
+    try:
+        json.loads(state.read_text())
+    except (OSError, ValueError):
+        return False
+    return any(path.glob("*.safetensors")) or (path / "latest").exists() or any(path.glob("*.bin"))
+
+
+def find_resume_checkpoint(output_dir: str) -> str | None:
+    checkpoints = sorted(Path(output_dir).glob(f"{PREFIX_CHECKPOINT_DIR}-*"),
+                         key=lambda p: int(p.name.split("-")[-1]) if p.name.split("-")[-1].isdigit() else -1,
+                         reverse=True)
+    for path in checkpoints:
+        if is_complete_checkpoint(path):
+            return str(path)
+        logger.warning("skipping incomplete checkpoint %s (interrupted while saving?)", path)
+    return None
+
+
+def resolve_resume(args) -> str | None:
+    """The checkpoint to resume from, and the output-dir policy: a non-empty output_dir with no checkpoint
+    is refused unless --overwrite_output_dir, so a typo never mixes two runs' files."""
+    if args.resume_from_checkpoint:
+        if not is_complete_checkpoint(Path(args.resume_from_checkpoint)):
+            raise FileNotFoundError(f"--resume_from_checkpoint {args.resume_from_checkpoint}: not a complete "
+                                    "checkpoint directory (no trainer_state.json or weights)")
+        return args.resume_from_checkpoint
+    output = Path(args.output_dir)
+    if not output.is_dir():
+        return None
+    found = find_resume_checkpoint(args.output_dir)
+    if found:
+        logger.info("resuming from %s (the newest complete checkpoint in output_dir)", found)
+        return found
+    if any(output.iterdir()) and not args.overwrite_output_dir:
+        raise FileExistsError(f"output_dir '{output}' is not empty and holds no checkpoint to resume from. "
+                              "Pick a new --output_dir, or pass --overwrite_output_dir to train into it anyway")
+    return None
+
+
+class LMTrainer(Trainer):
+    """Trainer whose evaluation also reports perplexity and bits per byte.
+
+    bits/byte = (mean loss per token in nats) / ln 2 / (UTF-8 bytes per token of the evaluation text), which
+    compares models with different tokenizers.
+    """
+
+    def __init__(self, *args, eval_bytes_per_token: float | None = None, throughput: ThroughputCallback | None = None,
+                 **kwargs):
+        super().__init__(*args, **kwargs)
+        self.eval_bytes_per_token = eval_bytes_per_token
+        self.throughput = throughput
+        if throughput is not None:
+            self.add_callback(throughput)
+
+    def log(self, logs: dict, *args, **kwargs):
+        # Added here rather than in a callback's on_log so every reporter (TensorBoard, SwanLab) sees them.
+        if self.throughput is not None and "loss" in logs:
+            logs.update(self.throughput.metrics(self.args))
+        super().log(logs, *args, **kwargs)
+
+    def evaluate(self, eval_dataset=None, ignore_keys=None, metric_key_prefix: str = "eval"):
+        metrics = super().evaluate(eval_dataset, ignore_keys, metric_key_prefix)
+        loss = metrics.get(f"{metric_key_prefix}_loss")
+        if loss is not None:
+            extra = {f"{metric_key_prefix}_perplexity": math.exp(min(loss, 50.0))}
+            if self.eval_bytes_per_token:
+                extra[f"{metric_key_prefix}_bits_per_byte"] = loss / math.log(2) / self.eval_bytes_per_token
+            metrics.update(extra)
+            self.log(extra)
+        return metrics
+
+
+def configure_reporting(args):
+    """SwanLab without an account or network: offline mode (logs kept under swanlog/, `swanlab sync` later)."""
+    report_to = args.report_to if isinstance(args.report_to, list) else [args.report_to]
+    if "swanlab" in report_to and "SWANLAB_MODE" not in os.environ and not os.environ.get("SWANLAB_API_KEY"):
+        netrc = Path.home() / ".swanlab" / ".netrc"
+        if not netrc.exists():
+            os.environ["SWANLAB_MODE"] = "offline"
+            logger.info("swanlab: not logged in, logging offline to ./swanlog (upload later with `swanlab sync`)")
+
+
+def build_trainer(model, tokenizer, args, train_dataset, eval_dataset=None, data_collator=collate_packed_blocks,
+                  eval_bytes_per_token: float | None = None, tokens_per_sample: int | None = None) -> LMTrainer:
+    configure_reporting(args)
+    callbacks = [CurvePlotCallback()] if args.plot_curves else []
+    return LMTrainer(model=model, args=args, train_dataset=train_dataset, eval_dataset=eval_dataset,
+                     data_collator=data_collator, processing_class=tokenizer, callbacks=callbacks,
+                     eval_bytes_per_token=eval_bytes_per_token,
+                     throughput=ThroughputCallback(model, tokens_per_sample, args.peak_tflops))
+
+
+def save_final_model(trainer: Trainer, output_dir: str):
+    """Weights (safetensors; gathered from all ranks under ZeRO-3), config with the KV cache re-enabled for
+    inference, generation config and tokenizer: a directory `from_pretrained` loads."""
+    model = trainer.model
+    model.config.use_cache = True
+    trainer.save_model(output_dir)
+    if trainer.is_world_process_zero():
+        model.generation_config.save_pretrained(output_dir)
+        weights = sum(f.stat().st_size for f in Path(output_dir).glob("*.safetensors"))
+        logger.info("saved the final model to %s (%.1f MB of weights)", output_dir, weights / 1e6)
