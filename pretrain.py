@@ -24,6 +24,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # importable from any working directory
 
+from transformers import set_seed  # noqa: E402
+
 from lmtrain.arguments import DataArguments, ModelArguments, TrainArguments, parse_arguments, save_resolved_config  # noqa: E402
 from lmtrain.data.loading import load_pretrain_data  # noqa: E402
 from lmtrain.modeling import build_model  # noqa: E402
@@ -38,6 +40,7 @@ def main(argv=None):
     logging.basicConfig(level=logging.INFO if training_args.process_index == 0 else logging.WARNING,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s", force=True)
     resume_from = resolve_resume(training_args)
+    set_seed(training_args.seed)  # before the model is built: its random init must repeat across runs
     if training_args.process_index == 0:
         save_resolved_config(training_args.output_dir, model=model_args, data=data_args, training=training_args)
 

@@ -147,6 +147,8 @@ class TrainArguments(TrainingArguments):
     max_grad_norm: float = field(default=1.0, metadata={"help": "Gradient clipping."})
     logging_steps: float = field(default=10, metadata={"help": "Log every N steps."})
     save_total_limit: int | None = field(default=3, metadata={"help": "Keep at most this many checkpoints."})
+    stop_after_steps: int | None = field(default=None, metadata={
+        "help": "Planned stop: save a checkpoint and exit after this global step; rerun to resume."})
     plot_curves: bool = field(default=True, metadata={"help": "Write training_curves.png at the end."})
     peak_tflops: float | None = field(default=None, metadata={
         "help": "Per-device dense bf16 peak for the MFU estimate (default: known GPUs, e.g. 989 for H100)."})

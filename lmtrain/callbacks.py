@@ -82,3 +82,15 @@ class CurvePlotCallback(TrainerCallback):
             logger.info("training curves: %s", path)
         except Exception as err:  # a plot must never fail a finished training run
             logger.warning("could not plot training curves: %s", err)
+
+
+class PlannedStopCallback(TrainerCallback):
+    """--stop_after_steps N: checkpoint and stop at step N (time-boxed jobs; resume by rerunning)."""
+
+    def __init__(self, stop_after_steps: int):
+        self.stop_after_steps = stop_after_steps
+
+    def on_step_end(self, args, state, control, **kwargs):
+        if state.global_step >= self.stop_after_steps:
+            control.should_save = True
+            control.should_training_stop = True

@@ -28,10 +28,20 @@ def resolve_config(name: str, overrides: str | None = None, **hub_kwargs):
         config = AutoConfig.from_pretrained(str(CONFIGS_DIR / f"{name}.json"))
     else:
         config = AutoConfig.from_pretrained(name, **hub_kwargs)
-    if overrides:
-        config.update_from_string(overrides)
-        logger.info("config overrides applied: %s", overrides)
-    return config
+    return apply_overrides(config, overrides)
+
+
+def apply_overrides(config, overrides: str | None):
+    """`hidden_size=512,num_hidden_layers=8` applied to a config, keeping derived fields consistent."""
+    if not overrides:
+        return config
+    config.update_from_string(overrides)
+    values = config.to_dict()
+    # Per-layer lists (attention types) follow the layer count; stale ones would fail validation on reload.
+    if len(values.get("layer_types") or []) not in (0, values.get("num_hidden_layers")):
+        values.pop("layer_types")
+    logger.info("config overrides applied: %s", overrides)
+    return type(config).from_dict(values)
 
 
 def _attention(requested: str) -> str:
@@ -52,8 +62,7 @@ def build_model(args: ModelArguments, tokenizer, dtype: torch.dtype | None = Non
     attention = _attention(args.attn_implementation)
     if args.model_name_or_path:
         config = AutoConfig.from_pretrained(args.model_name_or_path, **hub)
-        if args.config_overrides:
-            config.update_from_string(args.config_overrides)
+        config = apply_overrides(config, args.config_overrides)
         torch_dtype = args.torch_dtype if args.torch_dtype in (None, "auto") else getattr(torch, args.torch_dtype)
         model = AutoModelForCausalLM.from_pretrained(args.model_name_or_path, config=config, dtype=torch_dtype,
                                                      attn_implementation=attention, **hub)

@@ -12,7 +12,7 @@ import torch
 from transformers import Trainer
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 
-from lmtrain.callbacks import CurvePlotCallback, ThroughputCallback
+from lmtrain.callbacks import CurvePlotCallback, PlannedStopCallback, ThroughputCallback
 
 logger = logging.getLogger(__name__)
 
@@ -116,6 +116,8 @@ def build_trainer(model, tokenizer, args, train_dataset, eval_dataset=None, data
                   eval_bytes_per_token: float | None = None, tokens_per_sample: int | None = None) -> LMTrainer:
     configure_reporting(args)
     callbacks = [CurvePlotCallback()] if args.plot_curves else []
+    if args.stop_after_steps:
+        callbacks.append(PlannedStopCallback(args.stop_after_steps))
     return LMTrainer(model=model, args=args, train_dataset=train_dataset, eval_dataset=eval_dataset,
                      data_collator=data_collator, processing_class=tokenizer, callbacks=callbacks,
                      eval_bytes_per_token=eval_bytes_per_token,

@@ -18,11 +18,26 @@ import numpy as np
 # C0/C1 control characters except tab, newline and carriage return, plus zero-width and BOM characters
 # that scraped text carries invisibly.
 _CONTROL = re.compile("[\x00-\x08\x0b\x0c\x0e-\x1f\x7f-\x9f\u200b\u200e\u200f\ufeff]")
-_HTML_TAG = re.compile(r"<(?:script|style)\b[^>]*>.*?</(?:script|style)\s*>|<!--.*?-->|</?[a-zA-Z][^<>]{0,500}>",
-                       re.S | re.I)
+# Only known HTML element names, followed by well-formed attributes: a bare `<[a-z][^<>]*>` also ate code and
+# maths (`std::vector<int>` -> `std::vector`, `if (a<b && c>d)` -> `if (ad)`).
+_HTML_ELEMENTS = (
+    "a|abbr|acronym|address|applet|area|article|aside|audio|b|base|basefont|bdi|bdo|big|blink|blockquote|body|"
+    "br|button|canvas|caption|center|cite|code|col|colgroup|data|datalist|dd|del|details|dfn|dialog|div|dl|dt|"
+    "em|embed|fieldset|figcaption|figure|font|footer|form|frame|frameset|h[1-6]|head|header|hgroup|hr|html|i|"
+    "iframe|img|input|ins|kbd|label|legend|li|link|main|map|mark|marquee|menu|meta|meter|nav|nobr|noframes|"
+    "noscript|o:p|object|ol|optgroup|option|output|p|param|picture|pre|progress|q|rp|rt|ruby|s|samp|section|"
+    "select|small|source|span|strike|strong|sub|summary|sup|svg|table|tbody|td|template|textarea|tfoot|th|"
+    "thead|time|title|tr|track|tt|u|ul|var|video|wbr"
+)
+_HTML_ATTRIBUTE = r"""\s+[a-zA-Z_:][-\w:.]*(?:\s*=\s*(?:"[^"<>]*"|'[^'<>]*'|[^\s"'=<>`]+))?"""
+_HTML_TAG = re.compile(
+    r"<(?:script|style)\b[^>]*>.*?</(?:script|style)\s*>|<!--.*?-->|<!doctype[^<>]*>"
+    rf"|<(?:{_HTML_ELEMENTS})(?:{_HTML_ATTRIBUTE}){{0,50}}\s*/?>|</(?:{_HTML_ELEMENTS})\s*>",
+    re.S | re.I)
 _HTML_ENTITY = re.compile(r"&(?:nbsp|amp|lt|gt|quot|#\d+|#x[0-9a-f]+);", re.I)
 _WORD = re.compile(r"\w+", re.U)
 MINHASH_SCHEME = "affine32"
+UNIQUE_WORD_WINDOW = 1000
 
 
 @dataclass
@@ -33,7 +48,7 @@ class CleaningConfig:
     min_chars: int = 20
     max_chars: int = 0                       # 0: no upper limit
     max_duplicate_line_fraction: float = 0.3  # share of characters in lines that repeat within the document
-    min_unique_word_fraction: float = 0.1    # distinct words / words, for documents of 50+ words
+    min_unique_word_fraction: float = 0.1    # distinct words / words per 1000 words, for documents of 50+
     dedup_exact: bool = True
     dedup_near: bool = True
     near_dup_threshold: float = 0.8          # estimated Jaccard similarity of word 5-gram shingles
@@ -64,9 +79,17 @@ def clean_text(text: str, config: CleaningConfig) -> tuple[str, str]:
         return text, "repetitive_lines"
     if config.min_unique_word_fraction > 0:
         words = _WORD.findall(text.lower())
-        if len(words) >= 50 and len(set(words)) / len(words) < config.min_unique_word_fraction:
+        if len(words) >= 50 and unique_word_fraction(words) < config.min_unique_word_fraction:
             return text, "repetitive_words"
     return text, ""
+
+
+def unique_word_fraction(words: list[str], window: int = UNIQUE_WORD_WINDOW) -> float:
+    """Distinct words / words, counted per window of `window` words. Over a whole document the fraction falls
+    with length for any natural text (a novel has ~5% distinct words), so a whole-document ratio would drop
+    every book; per window it measures repetition at any length."""
+    distinct = sum(len(set(words[i:i + window])) for i in range(0, len(words), window))
+    return distinct / len(words) if words else 1.0
 
 
 def duplicate_line_fraction(text: str) -> float:

@@ -24,13 +24,14 @@ from tqdm.auto import tqdm
 
 from lmtrain.arguments import DataArguments
 from lmtrain.data.cleaning import CleaningConfig, clean_batch, exact_duplicates, near_duplicates
-from lmtrain.data.packing import BlockPacker, blocks_to_arrow
+from lmtrain.data.packing import BLOCK_COLUMNS, BlockPacker, blocks_to_arrow
 from lmtrain.data.sources import (DataError, ReadStats, SourceSpec, read_file, read_hub_dataset,
                                   resolve_source_files)
 
 logger = logging.getLogger(__name__)
 READ_FEATURES = datasets.Features({"text": datasets.Value("string"), "source": datasets.Value("string"),
                                    "drop": datasets.Value("string")})
+BLOCK_FEATURES = datasets.Features.from_arrow_schema(pa.schema({name: pa.list_(pa.int32()) for name in BLOCK_COLUMNS}))
 
 
 @dataclass
@@ -105,12 +106,30 @@ def _stamp(path: str) -> str:
     return f"{path}:{stat.st_size}:{stat.st_mtime_ns}"
 
 
+def _records_dataset(**kwargs) -> datasets.Dataset:
+    """`Dataset.from_generator` over `_generate_records`, re-raising our DataError (which `datasets` wraps in
+    a DatasetGenerationError saying only "An error occurred") so the user sees the file, line and field."""
+    try:
+        return datasets.Dataset.from_generator(_generate_records, features=READ_FEATURES, **kwargs)
+    except datasets.exceptions.DatasetGenerationError as err:
+        cause = err.__cause__ or err.__context__
+        while cause is not None:
+            if isinstance(cause, DataError):
+                raise DataError(str(cause)) from err
+            # From worker processes (num_proc > 1) the original exception survives only as traceback text.
+            text = str(cause)
+            if "DataError: " in text:
+                raise DataError(text.rsplit("DataError: ", 1)[1].strip().splitlines()[0]) from err
+            cause = cause.__cause__ or cause.__context__
+        raise
+
+
 def read_source(spec: SourceSpec, args: DataArguments, cache_dir: str | None) -> datasets.Dataset:
     files = resolve_source_files(spec)
     files = files if files is not None else [f"hub://{spec.location}"]
     num_proc = min(args.preprocessing_num_workers or 1, len(files))
-    return datasets.Dataset.from_generator(
-        _generate_records, features=READ_FEATURES, cache_dir=cache_dir, num_proc=num_proc if num_proc > 1 else None,
+    return _records_dataset(
+        cache_dir=cache_dir, num_proc=num_proc if num_proc > 1 else None,
         gen_kwargs={"files": files, "source": spec.name, "text_field": args.text_field, "txt_unit": args.txt_unit,
                     "strict": not args.lenient, "stamps": [_stamp(f) for f in files]},
     )
@@ -125,7 +144,13 @@ def tokenize_table(table: pa.Table, tokenizer) -> pa.Table:
     texts = table.column("text").to_pylist()
     backend = tokenizer.backend_tokenizer
     encode = getattr(backend, "encode_batch_fast", backend.encode_batch)
-    ids = [encoding.ids for encoding in encode(texts, add_special_tokens=True)]
+    # Special-token strings inside a document ("<|endoftext|>" in a web page about LLMs) are plain text:
+    # encoded as special tokens they would put an EOS, or a chat marker, in the middle of a document.
+    previous, backend.encode_special_tokens = backend.encode_special_tokens, True
+    try:
+        ids = [encoding.ids for encoding in encode(texts, add_special_tokens=True)]
+    finally:
+        backend.encode_special_tokens = previous
     eos = tokenizer.eos_token_id
     for doc in ids:
         if not doc or doc[-1] != eos:
@@ -164,7 +189,9 @@ def _pack(tokenized: datasets.Dataset, indices: np.ndarray, block_size: int, pad
     tmp = path.with_suffix(".tmp")
     selected = tokenized.select(indices).with_format("arrow")
     blocks = 0
-    with ArrowWriter(path=str(tmp)) as writer, tqdm(total=len(indices), desc=desc, unit="doc") as bar:
+    # Explicit features: a split too small for one block (drop_remainder) still writes a valid, empty file.
+    with ArrowWriter(path=str(tmp), features=BLOCK_FEATURES) as writer, \
+            tqdm(total=len(indices), desc=desc, unit="doc") as bar:
         for table in selected.iter(batch_size=4096):
             column = table.column("input_ids").combine_chunks()
             flat = column.values.to_numpy(zero_copy_only=False)
@@ -259,7 +286,7 @@ def prepare_pretrain_data(args: DataArguments, tokenizer, cache_dir: str | None 
     if args.validation_files:
         parts.append(_read_validation(args, datasets_cache))
     raw = datasets.concatenate_datasets(parts) if len(parts) > 1 else parts[0]
-    report.cache["read"] = min((_reused(p, started) for p in parts), key=len)
+    report.cache["read"] = "computed" if any(_reused(p, started) == "computed" for p in parts) else "reused"
     report.seconds["read"] = round(clock() - t0, 2)
 
     config = args.cleaning_config()
@@ -320,7 +347,11 @@ def prepare_pretrain_data(args: DataArguments, tokenizer, cache_dir: str | None 
             continue
         packed, info = _pack(tokenized, indices, args.block_size, pad_id, args.drop_remainder, cache_root,
                              args.overwrite_cache, desc=f"packing {split}")
-        splits[split] = packed
+        if info["blocks"] or split == "train":  # an empty validation split would only break evaluation
+            splits[split] = packed
+        else:
+            logger.warning("the validation split holds no block of %d tokens (%d tokens, drop_remainder): "
+                           "no validation split", args.block_size, int(num_tokens[indices].sum()))
         report.blocks[split] = info["blocks"]
         report.tokens[split] = int(num_tokens[indices].sum())
         report.bytes_per_token_by_split[split] = float(num_bytes[indices].sum() / max(1, report.tokens[split]))
@@ -336,8 +367,8 @@ def prepare_pretrain_data(args: DataArguments, tokenizer, cache_dir: str | None 
 
 def _read_validation(args: DataArguments, cache_dir: str) -> datasets.Dataset:
     files = [f for spec in args.validation_files for f in (resolve_source_files(SourceSpec.parse(spec)) or [])]
-    return datasets.Dataset.from_generator(
-        _generate_records, features=READ_FEATURES, cache_dir=cache_dir,
+    return _records_dataset(
+        cache_dir=cache_dir,
         gen_kwargs={"files": files, "source": "__validation__", "text_field": args.text_field,
                     "txt_unit": args.txt_unit, "strict": not args.lenient, "stamps": [_stamp(f) for f in files]})
 

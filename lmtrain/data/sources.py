@@ -117,7 +117,9 @@ def read_jsonl(path: str, text_field: str, stats: ReadStats, strict: bool) -> It
                 continue
             stats.records_read += 1
             try:
-                line = raw.decode("utf-8")
+                # utf-8-sig on the first line: files saved by Windows tools start with a byte-order mark,
+                # which json.loads rejects, silently losing the first record.
+                line = raw.decode("utf-8-sig" if line_number == 1 else "utf-8")
             except UnicodeDecodeError as err:
                 stats.drop("invalid_utf8", where, strict, f"not valid UTF-8 ({err.reason} at byte {err.start})")
                 continue
