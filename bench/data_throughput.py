@@ -19,6 +19,7 @@ import json
 import multiprocessing
 import os
 import platform
+import queue as queue_module
 import shutil
 import statistics
 import sys
@@ -33,6 +34,12 @@ from bench.corpus import DEFAULT_WORK_DIR, build_tokenizer, write_corpus  # noqa
 # Set in the parent before the raw workers fork, so the texts are shared, not pickled to each worker.
 _TEXTS: list[str] = []
 _BACKEND = None
+
+
+def _cpu_seconds() -> float:
+    """CPU time of this process (all its threads) and of its children that have been waited for."""
+    times = os.times()
+    return times.user + times.system + times.children_user + times.children_system
 
 
 def _encode_range(job: tuple[int, int, int, str]) -> int:
@@ -57,14 +64,17 @@ def measure_raw(corpus_dir: str, tokenizer_dir: str, num_proc: int, batch_size: 
     n = len(_TEXTS)
     bounds = [round(i * n / num_proc) for i in range(num_proc + 1)]
     jobs = [(start, stop, batch_size, method) for start, stop in zip(bounds, bounds[1:])]
-    started = time.perf_counter()
+    cpu_started, started = _cpu_seconds(), time.perf_counter()
     if num_proc == 1:
         tokens = _encode_range(jobs[0])
     else:
-        with multiprocessing.get_context("fork").Pool(num_proc) as pool:
-            tokens = sum(pool.map(_encode_range, jobs))
-    seconds = time.perf_counter() - started
-    return {"documents": n, "tokens": tokens, "seconds": round(seconds, 3), "tokens_per_s": tokens / seconds}
+        pool = multiprocessing.get_context("fork").Pool(num_proc)
+        tokens = sum(pool.map(_encode_range, jobs))
+        pool.close()
+        pool.join()  # reaped, so the workers' CPU time is counted
+    seconds, cpu = time.perf_counter() - started, _cpu_seconds() - cpu_started
+    return {"documents": n, "tokens": tokens, "seconds": round(seconds, 3), "tokens_per_s": tokens / seconds,
+            "cpu_seconds": round(cpu, 2), "tokens_per_cpu_s": tokens / cpu}
 
 
 def measure_prepare(corpus_dir: str, tokenizer_dir: str, num_proc: int, block_size: int, work_dir: str) -> dict:
@@ -79,17 +89,18 @@ def measure_prepare(corpus_dir: str, tokenizer_dir: str, num_proc: int, block_si
                              preprocessing_num_workers=num_proc, prepared_cache_dir=str(run_dir / "cache"),
                              block_size=block_size)
         tokenizer = load_tokenizer(tokenizer_dir)
-        started = time.perf_counter()
+        cpu_started, started = _cpu_seconds(), time.perf_counter()
         dataset, report = prepare_pretrain_data(args, tokenizer)
         prepared = time.perf_counter()
         save_prepared(dataset, report, str(run_dir / "prepared"), tokenizer)
-        finished = time.perf_counter()
+        finished, cpu = time.perf_counter(), _cpu_seconds() - cpu_started
     finally:
         shutil.rmtree(run_dir, ignore_errors=True)
     tokens = sum(report.tokens.values())  # every document's tokens, its appended EOS included
     seconds = finished - started
     return {"documents": report.documents_read, "tokens": tokens, "seconds": round(seconds, 3),
-            "tokens_per_s": tokens / seconds, "step_seconds": {**report.seconds, "save": round(finished - prepared, 2)},
+            "tokens_per_s": tokens / seconds, "cpu_seconds": round(cpu, 2), "tokens_per_cpu_s": tokens / cpu,
+            "step_seconds": {**report.seconds, "save": round(finished - prepared, 2)},
             "cache": report.cache, "blocks": report.blocks}
 
 
@@ -106,7 +117,14 @@ def in_fresh_process(function, **kwargs) -> dict:
     queue = context.Queue()
     process = context.Process(target=_child, args=(queue, function, kwargs))
     process.start()
-    result = queue.get()
+    while True:
+        try:
+            result = queue.get(timeout=1)
+            break
+        except queue_module.Empty:
+            if not process.is_alive():
+                raise RuntimeError(f"{function.__name__} failed in its process (exit code {process.exitcode}); "
+                                   "its traceback is printed above") from None
     process.join()
     return result
 
@@ -137,24 +155,35 @@ def main(argv=None) -> dict:
 
     raw_runs, prepare_runs = [], []
     for repeat in range(args.repeats):
+        # Other work on the machine slows both sides; the load average shows when that happened.
+        load = os.getloadavg()[0]
         raw = in_fresh_process(measure_raw, corpus_dir=corpus_dir, tokenizer_dir=tokenizer_dir,
                                num_proc=args.num_proc, batch_size=args.batch_size, method=args.raw_method)
         prepare = in_fresh_process(measure_prepare, corpus_dir=corpus_dir, tokenizer_dir=tokenizer_dir,
                                    num_proc=args.num_proc, block_size=args.block_size, work_dir=args.work_dir)
+        raw["load_average_1min"] = prepare["load_average_1min"] = load
         raw_runs.append(raw)
         prepare_runs.append(prepare)
-        print(f"run {repeat + 1}: (a) raw {raw['tokens_per_s']:,.0f} tokens/s ({raw['tokens']:,} tokens, "
-              f"{raw['seconds']:.2f} s)   (b) prepare {prepare['tokens_per_s']:,.0f} tokens/s "
-              f"({prepare['tokens']:,} tokens, {prepare['seconds']:.2f} s)   steps, s: {prepare['step_seconds']}",
-              flush=True)
+        print(f"run {repeat + 1} (load average {load:.2f}): "
+              f"(a) raw {raw['tokens_per_s']:,.0f} tokens/s ({raw['tokens']:,} tokens, {raw['seconds']:.2f} s, "
+              f"{raw['cpu_seconds']:.1f} CPU s)   (b) prepare {prepare['tokens_per_s']:,.0f} tokens/s "
+              f"({prepare['tokens']:,} tokens, {prepare['seconds']:.2f} s, {prepare['cpu_seconds']:.1f} CPU s)   "
+              f"steps, s: {prepare['step_seconds']}", flush=True)
 
     raw_rate = statistics.median(r["tokens_per_s"] for r in raw_runs)
     prepare_rate = statistics.median(r["tokens_per_s"] for r in prepare_runs)
     median_run = sorted(prepare_runs, key=lambda r: r["tokens_per_s"])[len(prepare_runs) // 2]
     ratio = prepare_rate / raw_rate
+    pair_ratios = [round(b["tokens_per_s"] / a["tokens_per_s"], 3) for a, b in zip(raw_runs, prepare_runs)]
+    # Tokens per CPU-second compares the work each side does; unlike wall time it barely moves when other
+    # processes compete for the cores.
+    cpu_ratio = (statistics.median(r["tokens_per_cpu_s"] for r in prepare_runs)
+                 / statistics.median(r["tokens_per_cpu_s"] for r in raw_runs))
     print(f"(a) raw tokenizers {args.raw_method}: {raw_rate:,.0f} tokens/s (median of {args.repeats})")
     print(f"(b) prepare_pretrain_data + save_prepared: {prepare_rate:,.0f} tokens/s (median of {args.repeats})")
     print(f"ratio (b)/(a): {ratio:.3f}   target >= 0.8: {'met' if ratio >= 0.8 else 'NOT met'}")
+    print(f"ratio of each back-to-back (a), (b) pair: {pair_ratios}")
+    print(f"tokens per CPU-second, (b)/(a): {cpu_ratio:.3f}")
     print(f"per-step seconds of the median (b) run: {median_run['step_seconds']}")
     result = {
         "benchmark": "data_throughput", "num_proc": args.num_proc, "cpus": os.cpu_count(),
@@ -162,7 +191,7 @@ def main(argv=None) -> dict:
         "num_files": args.num_files, "vocab_size": args.vocab_size, "raw_method": args.raw_method,
         "batch_size": args.batch_size, "block_size": args.block_size,
         "raw_tokens_per_s": round(raw_rate), "prepare_tokens_per_s": round(prepare_rate), "ratio": round(ratio, 3),
-        "target_met": ratio >= 0.8, "step_seconds": median_run["step_seconds"],
+        "cpu_ratio": round(cpu_ratio, 3), "pair_ratios": pair_ratios, "target_met": ratio >= 0.8, "step_seconds": median_run["step_seconds"],
         "raw_runs": raw_runs, "prepare_runs": prepare_runs,
     }
     print(json.dumps(result))

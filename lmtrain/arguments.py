@@ -230,3 +230,55 @@ def save_resolved_config(output_dir: str, **groups) -> str:
     with open(path, "w", encoding="utf-8") as handle:
         json.dump(resolved, handle, indent=2, default=str)
     return path
+
+
+@dataclass
+class SFTDataArguments:
+    train_files: list[str] = field(default_factory=lambda: ["data/sft_demo/train.jsonl"], metadata={
+        "help": "SFT files (jsonl/json/parquet, globs, directories) or hub datasets: OpenAI 'messages', "
+                "ShareGPT 'conversations' or Alpaca 'instruction'/'input'/'output' records."})
+    validation_files: list[str] | None = field(default=None, metadata={"help": "Held-out SFT files."})
+    validation_split_percentage: float = field(default=2.0, metadata={
+        "help": "Percent of samples held out when no --validation_files (split before packing)."})
+    max_length: int = field(default=1024, metadata={
+        "help": "Tokens per sample (and per packed row). Longer samples: oldest rounds dropped, then the "
+                "prompt cut from the left if the answer fits, else the answer's tail cut."})
+    packing: bool = field(default=True, metadata={
+        "help": "Pack whole samples into max_length rows (positions restart per sample, no cross-attention)."})
+    padding_free: bool = field(default=False, metadata={
+        "help": "Without packing: concatenate each batch into one row instead of padding it."})
+    train_on_prompt: bool = field(default=False, metadata={"help": "Also take loss on system/user tokens."})
+    lenient: bool = field(default=True, metadata={"help": "Drop and count bad records instead of stopping."})
+    prepare_seed: int = field(default=1234, metadata={"help": "Seed for the validation split."})
+    max_train_samples: int | None = field(default=None, metadata={"help": "Use at most this many train rows."})
+    max_eval_samples: int | None = field(default=None, metadata={"help": "Use at most this many eval rows."})
+
+    def __post_init__(self):
+        if self.packing and self.padding_free:
+            raise ValueError("--padding_free applies to unpacked batches; pass --packing false with it")
+        if self.max_length < 8:
+            raise ValueError("--max_length must be at least 8")
+
+
+@dataclass
+class LoraArguments:
+    use_lora: bool = field(default=False, metadata={"help": "Train LoRA adapters (peft) instead of all weights."})
+    lora_r: int = field(default=16, metadata={"help": "LoRA rank."})
+    lora_alpha: int = field(default=32, metadata={"help": "LoRA scaling numerator (scale = alpha / r)."})
+    lora_dropout: float = field(default=0.05, metadata={"help": "Dropout on the LoRA input."})
+    lora_target_modules: list[str] = field(default_factory=lambda: ["all-linear"], metadata={
+        "help": "Modules to adapt, e.g. q_proj k_proj v_proj o_proj; 'all-linear' for every linear layer."})
+    merge_lora: bool = field(default=True, metadata={
+        "help": "Also save the merged full model to output_dir (the adapter goes to output_dir/adapter)."})
+
+
+@dataclass
+class SFTTrainArguments(TrainArguments):
+    """SFT defaults: a smaller learning rate, no weight decay, the usual AdamW betas, a short warmup."""
+
+    output_dir: str = field(default="outputs/sft", metadata={"help": "Checkpoints, logs and the final model."})
+    learning_rate: float = field(default=2e-5, metadata={"help": "Peak learning rate."})
+    weight_decay: float = field(default=0.0, metadata={"help": "AdamW weight decay."})
+    adam_beta2: float = field(default=0.999, metadata={"help": "AdamW beta2."})
+    num_train_epochs: float = field(default=3.0, metadata={"help": "Epochs over the SFT data."})
+    min_lr_ratio: float = field(default=0.0, metadata={"help": "Cosine decay ends at learning_rate * this."})

@@ -134,3 +134,27 @@ def save_final_model(trainer: Trainer, output_dir: str):
         model.generation_config.save_pretrained(output_dir)
         weights = sum(f.stat().st_size for f in Path(output_dir).glob("*.safetensors"))
         logger.info("saved the final model to %s (%.1f MB of weights)", output_dir, weights / 1e6)
+
+
+class PadToLongestCollator:
+    """For unpacked SFT rows of different lengths. Pads on the right to the longest row; padding gets labels
+    -100 and positions of its own segment, so (with no attention_mask) no real token attends to it.
+    `padding_free=True` instead concatenates the batch into one row: no padding at all, the samples kept
+    apart by their restarting position_ids (flash-attention varlen, or a block-diagonal SDPA mask)."""
+
+    def __init__(self, pad_id: int, padding_free: bool = False):
+        self.pad_id = pad_id
+        self.padding_free = padding_free
+
+    def __call__(self, rows: list[dict]) -> dict:
+        if self.padding_free:
+            return {name: torch.tensor([[v for row in rows for v in row[name]]], dtype=torch.long)
+                    for name in ("input_ids", "labels", "position_ids")}
+        longest = max(len(row["input_ids"]) for row in rows)
+        batch = {"input_ids": [], "labels": [], "position_ids": []}
+        for row in rows:
+            pad = longest - len(row["input_ids"])
+            batch["input_ids"].append(list(row["input_ids"]) + [self.pad_id] * pad)
+            batch["labels"].append(list(row["labels"]) + [-100] * pad)
+            batch["position_ids"].append(list(row["position_ids"]) + list(range(pad)))
+        return {name: torch.tensor(values, dtype=torch.long) for name, values in batch.items()}

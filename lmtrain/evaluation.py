@@ -1,0 +1,118 @@
+"""Evaluating any HF causal LM: loss, perplexity and bits per byte on held-out text (by source and by
+document length), and exact-match accuracy on chat tasks with known answers."""
+from __future__ import annotations
+
+import json
+import math
+from collections import defaultdict
+from pathlib import Path
+
+import torch
+
+from lmtrain.data.sources import ReadStats, SourceSpec, read_file, resolve_source_files
+
+LENGTH_BUCKETS = [(0, 1_000, "<1k chars"), (1_000, 4_000, "1k-4k"), (4_000, 16_000, "4k-16k"),
+                  (16_000, float("inf"), ">=16k")]
+
+
+def _bucket(chars: int) -> str:
+    return next(name for low, high, name in LENGTH_BUCKETS if low <= chars < high)
+
+
+@torch.inference_mode()
+def document_nll(model, tokenizer, text: str, max_length: int) -> tuple[float, int]:
+    """Summed negative log-likelihood (nats) of a document's tokens, and their count.
+
+    The document is preceded by the EOS token, as in a packed training stream, so its first token is
+    predicted too. Documents longer than the window are scored in consecutive windows.
+    """
+    ids = tokenizer(text, add_special_tokens=True).input_ids
+    stream = [tokenizer.eos_token_id] + ids
+    total, count = 0.0, 0
+    for start in range(0, len(stream) - 1, max_length):
+        window = torch.tensor([stream[start:start + max_length + 1]], device=model.device)
+        logits = model(input_ids=window[:, :-1]).logits.float()
+        nll = torch.nn.functional.cross_entropy(logits[0], window[0, 1:], reduction="sum")
+        total += nll.item()
+        count += window.shape[1] - 1
+    return total, count
+
+
+def evaluate_text(model, tokenizer, sources: list[str], text_field: str = "text", max_length: int = 1024,
+                  max_documents: int | None = None) -> dict:
+    """Loss per token, perplexity and bits per byte, overall, per source and per length bucket."""
+    groups = defaultdict(lambda: {"nll": 0.0, "tokens": 0, "bytes": 0, "documents": 0})
+    for spec in map(SourceSpec.parse, sources):
+        stats = ReadStats()
+        documents = 0
+        for path in resolve_source_files(spec) or []:
+            for text in read_file(path, text_field, "file", stats, strict=False):
+                if max_documents and documents >= max_documents:
+                    break
+                nll, tokens = document_nll(model, tokenizer, text, max_length)
+                size = len(text.encode("utf-8"))
+                for key in ("all", f"source:{spec.name}", f"length:{_bucket(len(text))}"):
+                    group = groups[key]
+                    group["nll"] += nll
+                    group["tokens"] += tokens
+                    group["bytes"] += size
+                    group["documents"] += 1
+                documents += 1
+    results = {}
+    for key, group in groups.items():
+        loss = group["nll"] / max(1, group["tokens"])
+        results[key] = {"loss": loss, "perplexity": math.exp(min(loss, 50.0)),
+                        "bits_per_byte": group["nll"] / math.log(2) / max(1, group["bytes"]),
+                        "tokens": group["tokens"], "bytes": group["bytes"], "documents": group["documents"]}
+    return results
+
+
+def exact_match(model, tokenizer, eval_file: str, max_new_tokens: int = 32, batch_size: int = 16) -> dict:
+    """Greedy answers to held-out chat prompts ({"messages", "answer", "task"} per line) compared exactly
+    (after stripping whitespace) with the expected answers; also how often generation ended with the
+    end-of-turn token rather than running to max_new_tokens."""
+    from lmtrain.tokenizer import end_of_turn_token_id
+
+    records = [json.loads(line) for line in Path(eval_file).read_text(encoding="utf-8").splitlines() if line.strip()]
+    stop_ids = {tokenizer.eos_token_id, end_of_turn_token_id(tokenizer)} - {None}
+    tokenizer.padding_side = "left"
+    per_task = defaultdict(lambda: {"correct": 0, "total": 0, "stopped": 0})
+    examples = []
+    for start in range(0, len(records), batch_size):
+        batch = records[start:start + batch_size]
+        prompts = [tokenizer.apply_chat_template(r["messages"], tokenize=False, add_generation_prompt=True)
+                   for r in batch]
+        encoded = tokenizer(prompts, return_tensors="pt", padding=True, add_special_tokens=False).to(model.device)
+        with torch.inference_mode():
+            generated = model.generate(**encoded, max_new_tokens=max_new_tokens, do_sample=False,
+                                       pad_token_id=tokenizer.pad_token_id)
+        for record, row in zip(batch, generated[:, encoded["input_ids"].shape[1]:].tolist()):
+            stopped = any(t in stop_ids for t in row)
+            answer = tokenizer.decode(row, skip_special_tokens=True).strip()
+            task = per_task[record.get("task", "all")]
+            task["total"] += 1
+            task["correct"] += answer == record["answer"].strip()
+            task["stopped"] += stopped
+            if len(examples) < 10:
+                examples.append({"prompt": record["messages"][-1]["content"], "expected": record["answer"],
+                                 "got": answer})
+    total = sum(t["total"] for t in per_task.values())
+    return {"accuracy": sum(t["correct"] for t in per_task.values()) / max(1, total),
+            "stop_rate": sum(t["stopped"] for t in per_task.values()) / max(1, total),
+            "per_task": {k: {"accuracy": v["correct"] / v["total"], **v} for k, v in sorted(per_task.items())},
+            "examples": examples}
+
+
+def format_table(text_results: dict | None, match_results: dict | None) -> str:
+    lines = []
+    if text_results:
+        lines.append(f"{'group':<28}{'loss':>8}{'ppl':>10}{'bits/byte':>11}{'tokens':>10}{'docs':>7}")
+        for key, row in sorted(text_results.items(), key=lambda kv: (kv[0] != "all", kv[0])):
+            lines.append(f"{key:<28}{row['loss']:>8.4f}{row['perplexity']:>10.2f}{row['bits_per_byte']:>11.4f}"
+                         f"{row['tokens']:>10}{row['documents']:>7}")
+    if match_results:
+        lines.append(f"exact match {match_results['accuracy']:.3f}, stopped at end of turn "
+                     f"{match_results['stop_rate']:.3f}")
+        for task, row in match_results["per_task"].items():
+            lines.append(f"  {task:<16}{row['accuracy']:.3f} ({row['correct']}/{row['total']})")
+    return "\n".join(lines)

@@ -1,0 +1,17 @@
+#!/usr/bin/env bash
+# Resuming a pretraining run after a crash, preemption or planned stop.
+#
+# 1. Automatic: rerun the original command with the same --output_dir. The newest *complete* checkpoint
+#    (one whose trainer_state.json and weights were fully written) is picked up; model, optimizer,
+#    scheduler, RNG states and the position in the data are restored, so the loss curve continues exactly.
+#      bash scripts/pretrain.sh                      # interrupted ... then the same command again
+# 2. A specific checkpoint:
+#      CKPT=outputs/pretrain-qwen2.5-0.5b/checkpoint-3000 bash scripts/resume.sh
+# 3. Planned stops for time-boxed jobs: --stop_after_steps N saves a checkpoint at step N and exits;
+#    the next submission of the same command resumes there.
+#      bash scripts/pretrain.sh --stop_after_steps 5000
+set -euo pipefail
+cd "$(dirname "$0")/.."
+CKPT=${CKPT:?set CKPT to a checkpoint directory, e.g. outputs/run/checkpoint-3000}
+OUTPUT_DIR=${OUTPUT_DIR:-$(dirname "$CKPT")}
+OUTPUT_DIR="$OUTPUT_DIR" bash scripts/pretrain.sh --resume_from_checkpoint "$CKPT" "$@"

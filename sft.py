@@ -1,0 +1,86 @@
+"""Supervised fine-tuning on conversations: assistant-only loss, packing without cross-contamination,
+full fine-tuning (optionally DeepSpeed ZeRO-2/3) or LoRA.
+
+    # the demo: fine-tune the demo pretrained model on generated tasks with checkable answers
+    python data_prep/make_sft_demo.py --output_dir data/sft_demo
+    python sft.py --model_name_or_path outputs/demo/pretrain --train_files data/sft_demo/train.jsonl \
+        --max_length 256 --learning_rate 1e-3 --num_train_epochs 2 --output_dir outputs/demo/sft
+
+    # full SFT with ZeRO-2 on 8 GPUs
+    deepspeed --num_gpus 8 sft.py --deepspeed ds_configs/zero2.json --bf16 --model_name_or_path Qwen/Qwen2.5-0.5B \
+        --train_files data/chat/*.jsonl --max_length 2048 --per_device_train_batch_size 4 --output_dir outputs/sft
+
+    # LoRA, merged into a full model at the end
+    python sft.py --use_lora --lora_r 16 --model_name_or_path outputs/demo/pretrain --output_dir outputs/sft-lora
+
+Rerunning the same command resumes from the newest complete checkpoint in --output_dir.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import os
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # importable from any working directory
+
+from transformers import set_seed  # noqa: E402
+
+from lmtrain.arguments import (LoraArguments, ModelArguments, SFTDataArguments, SFTTrainArguments,  # noqa: E402
+                               parse_arguments, save_resolved_config)
+from lmtrain.data.sft import prepare_sft_data  # noqa: E402
+from lmtrain.lora import apply_lora, save_lora_model  # noqa: E402
+from lmtrain.modeling import build_model  # noqa: E402
+from lmtrain.tokenizer import load_tokenizer  # noqa: E402
+from lmtrain.training import (PadToLongestCollator, build_trainer, collate_packed_blocks, resolve_resume,  # noqa: E402
+                              save_final_model)
+
+logger = logging.getLogger("sft")
+
+
+def main(argv=None):
+    model_args, data_args, lora_args, training_args = parse_arguments(
+        [ModelArguments, SFTDataArguments, LoraArguments, SFTTrainArguments], argv)
+    logging.basicConfig(level=logging.INFO if training_args.process_index == 0 else logging.WARNING,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s", force=True)
+    resume_from = resolve_resume(training_args)
+    set_seed(training_args.seed)
+    if training_args.process_index == 0:
+        save_resolved_config(training_args.output_dir, model=model_args, data=data_args, lora=lora_args,
+                             training=training_args)
+
+    tokenizer = load_tokenizer(model_args.tokenizer_name or model_args.model_name_or_path or "outputs/tokenizer",
+                               cache_dir=model_args.cache_dir, revision=model_args.model_revision)
+    with training_args.main_process_first(desc="preparing SFT data"):
+        data, report = prepare_sft_data(data_args, tokenizer)
+    if training_args.process_index == 0:
+        os.makedirs(training_args.output_dir, exist_ok=True)
+        Path(training_args.output_dir, "data_report.json").write_text(json.dumps(report, indent=2))
+    train = data["train"].select(range(min(len(data["train"]), data_args.max_train_samples or len(data["train"]))))
+    validation = data.get("validation")
+    if validation is not None and data_args.max_eval_samples:
+        validation = validation.select(range(min(len(validation), data_args.max_eval_samples)))
+
+    model = build_model(model_args, tokenizer)
+    if lora_args.use_lora:
+        model = apply_lora(model, lora_args)
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    collator = collate_packed_blocks if data_args.packing else PadToLongestCollator(pad_id, data_args.padding_free)
+    trainer = build_trainer(model, tokenizer, training_args, train, validation, data_collator=collator,
+                            tokens_per_sample=data_args.max_length if data_args.packing else None)
+    result = trainer.train(resume_from_checkpoint=resume_from)
+    trainer.save_state()
+    if lora_args.use_lora:
+        save_lora_model(trainer, training_args.output_dir, merge=lora_args.merge_lora)
+    else:
+        save_final_model(trainer, training_args.output_dir)
+    metrics = dict(result.metrics)
+    if validation is not None and training_args.eval_strategy != "no":
+        metrics.update(trainer.evaluate())
+    trainer.log_metrics("final", metrics)
+    return trainer, metrics
+
+
+if __name__ == "__main__":
+    main()

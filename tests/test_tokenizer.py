@@ -1,0 +1,125 @@
+"""The project's byte-level BPE tokenizer: exact round trips, what a saved directory holds, the ChatML
+template and its assistant mask, and data_prep/train_tokenizer.py."""
+from __future__ import annotations
+
+import importlib.util
+import json
+import sys
+from pathlib import Path
+
+import pytest
+from transformers import AutoTokenizer
+
+from lmtrain.tokenizer import (CHATML_TEMPLATE, END_OF_TEXT, IM_END, IM_START, PAD, end_of_turn_token_id,
+                               load_tokenizer, train_bpe_tokenizer)
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+
+ROUND_TRIP_TEXTS = [
+    "Plain English, with punctuation: don't stop -- ever!",
+    "中文文本：你好，世界。混合 English 和中文。",
+    "Emoji 🎉👍🏽 and a family 👨‍👩‍👧 (zero-width joiners) and flags 🇫🇷.",
+    "def f(x):\n\tif x:\n\t\treturn {'a': [1, 2]}  # tabs\n\r\n    spaces   \n\n",
+    "  leading and trailing spaces  ",
+    "Accents é (composed) and e\u0301 (decomposed), ß, Ωμέγα, кириллица, عربى.",
+    "Control \x00\x07 bytes and a lone \u200b zero-width space.",
+    "",
+]
+CONVERSATION = [
+    {"role": "system", "content": "You are terse."},
+    {"role": "user", "content": "Say hello."},
+    {"role": "assistant", "content": "Hello! 你好"},
+    {"role": "user", "content": "And goodbye?"},
+    {"role": "assistant", "content": "Goodbye.\nSee you."},
+]
+
+
+@pytest.mark.parametrize("text", ROUND_TRIP_TEXTS)
+def test_round_trip_is_exact(tiny_tokenizer, text):
+    ids = tiny_tokenizer(text, add_special_tokens=False)["input_ids"]
+    assert tiny_tokenizer.decode(ids) == text
+    assert tiny_tokenizer.unk_token_id is None or tiny_tokenizer.unk_token_id not in ids
+
+
+def test_saved_directory_loads_with_auto_tokenizer(tiny_tokenizer_dir, tiny_tokenizer):
+    loaded = AutoTokenizer.from_pretrained(str(tiny_tokenizer_dir))
+    assert len(loaded) == 1024
+    text = " ".join(ROUND_TRIP_TEXTS)
+    assert loaded(text)["input_ids"] == tiny_tokenizer(text)["input_ids"]
+    assert loaded.eos_token == END_OF_TEXT and loaded.pad_token == PAD
+    assert loaded.pad_token_id != loaded.eos_token_id
+    assert {IM_START, IM_END} <= set(loaded.all_special_tokens)
+    for token in (END_OF_TEXT, IM_START, IM_END, PAD):  # each special token is one id, never split
+        assert len(loaded(token, add_special_tokens=False)["input_ids"]) == 1
+    assert loaded.chat_template == CHATML_TEMPLATE
+
+
+def test_chat_template_renders_chatml(tiny_tokenizer):
+    rendered = tiny_tokenizer.apply_chat_template(CONVERSATION, tokenize=False)
+    assert rendered == ("<|im_start|>system\nYou are terse.<|im_end|>\n"
+                        "<|im_start|>user\nSay hello.<|im_end|>\n"
+                        "<|im_start|>assistant\nHello! 你好<|im_end|>\n"
+                        "<|im_start|>user\nAnd goodbye?<|im_end|>\n"
+                        "<|im_start|>assistant\nGoodbye.\nSee you.<|im_end|>\n")
+    prompt = tiny_tokenizer.apply_chat_template(CONVERSATION[:2], tokenize=False, add_generation_prompt=True)
+    assert prompt.endswith("<|im_start|>user\nSay hello.<|im_end|>\n<|im_start|>assistant\n")
+
+
+def test_assistant_mask_covers_exactly_assistant_content_and_im_end(tiny_tokenizer):
+    out = tiny_tokenizer.apply_chat_template(CONVERSATION, tokenize=True, return_dict=True,
+                                             return_assistant_tokens_mask=True)
+    ids, mask = out["input_ids"], out["assistant_masks"]
+    assert len(ids) == len(mask)
+    # Contiguous runs of masked tokens: one per assistant message, each exactly its content + <|im_end|>.
+    runs, current = [], []
+    for token, masked in zip(ids, mask):
+        if masked:
+            current.append(token)
+        elif current:
+            runs.append(current)
+            current = []
+    if current:
+        runs.append(current)
+    expected = [m["content"] + IM_END for m in CONVERSATION if m["role"] == "assistant"]
+    assert [tiny_tokenizer.decode(run) for run in runs] == expected
+    im_end = tiny_tokenizer.convert_tokens_to_ids(IM_END)
+    assert sum(1 for token, masked in zip(ids, mask) if token == im_end and not masked) == 3  # system, user x2
+    assert end_of_turn_token_id(tiny_tokenizer) == im_end
+
+
+def test_train_bpe_tokenizer_rejects_a_vocabulary_smaller_than_the_bytes():
+    with pytest.raises(ValueError, match="too small"):
+        train_bpe_tokenizer(["text"], vocab_size=200)
+
+
+def test_load_tokenizer_gives_a_pad_token_without_growing_the_vocabulary(tiny_tokenizer_dir, tmp_path):
+    for source in Path(tiny_tokenizer_dir).iterdir():  # a copy whose config names no pad token
+        (tmp_path / source.name).write_bytes(source.read_bytes())
+    config = json.loads((tmp_path / "tokenizer_config.json").read_text())
+    del config["pad_token"]
+    (tmp_path / "tokenizer_config.json").write_text(json.dumps(config))
+    assert AutoTokenizer.from_pretrained(str(tmp_path)).pad_token is None
+
+    tokenizer = load_tokenizer(str(tmp_path))
+    assert tokenizer.pad_token == PAD and len(tokenizer) == 1024
+
+
+def test_train_tokenizer_script(write_jsonl, tmp_path):
+    spec = importlib.util.spec_from_file_location("data_prep_train_tokenizer", REPO_ROOT / "data_prep" /
+                                                  "train_tokenizer.py")
+    script = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = script  # dataclasses look their module up while the script is being executed
+    spec.loader.exec_module(script)
+    texts = [f"Line {i}: the quick brown fox jumps over the lazy dog, again and again." for i in range(200)]
+    path = write_jsonl([*({"text": t} for t in texts), '{"broken json', {"text": "中文 and 🎉 too"}])
+    out_dir = tmp_path / "tokenizer"
+
+    script.main(["--sources", path, "--vocab_size", "300", "--min_frequency", "1", "--output_dir", str(out_dir)])
+
+    tokenizer = AutoTokenizer.from_pretrained(str(out_dir))
+    assert len(tokenizer) == 300
+    assert tokenizer.pad_token_id != tokenizer.eos_token_id
+    assert len(tokenizer("the quick brown fox")["input_ids"]) < len("the quick brown fox")  # merges learned
+    for text in ROUND_TRIP_TEXTS:
+        assert tokenizer.decode(tokenizer(text)["input_ids"]) == text
+    assert tokenizer.apply_chat_template(CONVERSATION[:2], tokenize=False).startswith("<|im_start|>system\n")
