@@ -4,8 +4,8 @@
 #   full SFT with ZeRO-2, LoRA SFT, and the classic-recipe reference (.whl/seed_recipe.py) in the same command.
 # Run on the GPU machine from the repository root, carrying .whl and data (data/shakespeare.jsonl,
 # data/tok32k, data/sft_demo made on the CPU machine):  STEPS=60 bash bench/gpu_pretrain_sft.sh
+source .whl/setup.sh   # before `set -e`: its install pipeline ends in a grep that may match nothing
 set -euo pipefail
-source .whl/setup.sh
 WORK=${WORK:-/tmp/gpu}          # models and data (large; stay on the GPU machine)
 LOGS=${LOGS:-$WORK/logs}        # logs (small; bring these back)
 STEPS=${STEPS:-60}
