@@ -83,8 +83,6 @@ def pack_in_chunks(packer: BlockPacker, documents: list[list[int]], rng: np.rand
         flat = np.array([token for document in chunk for token in document], dtype=np.int32)
         blocks += packer.add(flat, np.array([len(document) for document in chunk]))
     blocks += packer.finish()
-    if not blocks:
-        return {name: np.zeros((0, packer.block_size), dtype=np.int32) for name in ("input_ids", "labels", "position_ids")}
     return {name: np.concatenate([block[name] for block in blocks]) for name in ("input_ids", "labels", "position_ids")}
 
 
