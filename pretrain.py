@@ -60,6 +60,7 @@ def main(argv=None):
     if data.validation is not None and training_args.eval_strategy != "no":
         metrics.update(trainer.evaluate())
     trainer.log_metrics("final", metrics)
+    trainer.save_metrics("all", metrics)  # output_dir/all_results.json
     return trainer, metrics
 
 

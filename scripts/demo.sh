@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # The whole pipeline on the built-in Shakespeare corpus, on whatever this machine has:
-#   tokenizer -> prepared data -> pretrain a tiny Qwen2 -> sample text  (SFT and evaluation continue it)
+#   tokenizer -> prepared data -> pretrain a tiny Qwen2 -> sample text -> SFT on generated chat tasks
+#   -> exact-match accuracy before and after SFT, bits per byte on held-out text, chat samples
 # CPU: a ~1M-parameter model, a few minutes on 2 cores. GPU: bf16 + DeepSpeed ZeRO-2, a larger model.
 #
 #   bash scripts/demo.sh                      # everything under outputs/demo
@@ -9,36 +10,59 @@
 # Rerunning resumes/reuses what is already there (tokenizer, prepared data, checkpoints).
 set -euo pipefail
 cd "$(dirname "$0")/.."
+export PYTHONUNBUFFERED=1
 OUT=${OUT:-outputs/demo}
 PYTHON=${PYTHON:-python}
 
 if $PYTHON -c "import torch, sys; sys.exit(0 if torch.cuda.is_available() else 1)" 2>/dev/null; then
   NGPU=${NGPU:-$($PYTHON -c "import torch; print(torch.cuda.device_count())")}
   DEMO_STEPS=${DEMO_STEPS:-2000}
-  LAUNCH=(deepspeed --num_gpus "$NGPU" pretrain.py --deepspeed ds_configs/zero2.json --bf16)
+  LAUNCH=(deepspeed --num_gpus "$NGPU")
+  ACCEL=(--deepspeed ds_configs/zero2.json --bf16)
+  SFT_STEPS=${SFT_STEPS:-600}
   MODEL=(--config_name qwen2-tiny --config_overrides hidden_size=512,intermediate_size=1536,num_hidden_layers=8,num_attention_heads=8,num_key_value_heads=4)
   BATCH_SIZE=32 BLOCK=512
 else
   DEMO_STEPS=${DEMO_STEPS:-600}
-  LAUNCH=($PYTHON pretrain.py)
+  LAUNCH=($PYTHON)
+  ACCEL=()
+  SFT_STEPS=${SFT_STEPS:-300}
   MODEL=(--config_name qwen2-tiny)
   BATCH_SIZE=16 BLOCK=256
 fi
 
-echo "== 1/4 tokenizer"
+echo "== 1/7 tokenizer"
 [ -f "$OUT/tokenizer/tokenizer.json" ] || $PYTHON data_prep/train_tokenizer.py --vocab_size 4096 --output_dir "$OUT/tokenizer"
 
-echo "== 2/4 data"
+echo "== 2/7 data"
 [ -f "$OUT/data/dataset_dict.json" ] || $PYTHON data_prep/prepare_pretrain.py --tokenizer_name "$OUT/tokenizer" \
   --sources shakespeare --block_size "$BLOCK" --validation_split_percentage 2 --output_dir "$OUT/data"
 
-echo "== 3/4 pretrain (${DEMO_STEPS} steps)"
-"${LAUNCH[@]}" "${MODEL[@]}" --tokenizer_name "$OUT/tokenizer" --dataset_path "$OUT/data" --per_device_train_batch_size "$BATCH_SIZE" \
+echo "== 3/7 pretrain (${DEMO_STEPS} steps)"
+"${LAUNCH[@]}" pretrain.py "${ACCEL[@]}" "${MODEL[@]}" --tokenizer_name "$OUT/tokenizer" --dataset_path "$OUT/data" --per_device_train_batch_size "$BATCH_SIZE" \
   --max_steps "$DEMO_STEPS" --learning_rate 3e-3 --warmup_steps 50 --logging_steps 25 \
   --eval_strategy steps --eval_steps 200 --max_eval_samples 64 --save_steps 200 --save_total_limit 2 \
   --report_to tensorboard --output_dir "$OUT/pretrain" --disable_tqdm true
 
-echo "== 4/4 samples"
+echo "== 4/7 samples from the pretrained model"
 $PYTHON generate.py --model "$OUT/pretrain" --prompt "ROMEO." --prompt "KING HENRY." --prompt "To be, or not" \
   --max_new_tokens 80 --temperature 0.8
-echo "curves: $OUT/pretrain/training_curves.png"
+
+echo "== 5/7 SFT data and the pretrained model's exact-match accuracy (before SFT)"
+[ -f "$OUT/sft_data/train.jsonl" ] || $PYTHON data_prep/make_sft_demo.py --output_dir "$OUT/sft_data"
+$PYTHON evaluate.py --model "$OUT/pretrain" --sft_eval_file "$OUT/sft_data/eval.jsonl" --max_new_tokens 16 \
+  --output_json "$OUT/eval_before_sft.json"
+
+echo "== 6/7 SFT (${SFT_STEPS} steps)"
+"${LAUNCH[@]}" sft.py "${ACCEL[@]}" --model_name_or_path "$OUT/pretrain" --train_files "$OUT/sft_data/train.jsonl" \
+  --max_length 256 --per_device_train_batch_size "$BATCH_SIZE" --learning_rate 2e-3 --warmup_steps 20 \
+  --max_steps "$SFT_STEPS" --logging_steps 25 --save_steps 200 --save_total_limit 1 --eval_strategy steps \
+  --eval_steps 100 --report_to tensorboard --output_dir "$OUT/sft" --disable_tqdm true
+
+echo "== 7/7 evaluation after SFT, and chat samples"
+$PYTHON evaluate.py --model "$OUT/sft" --sft_eval_file "$OUT/sft_data/eval.jsonl" --max_new_tokens 16 \
+  --output_json "$OUT/eval_after_sft.json"
+$PYTHON generate.py --model "$OUT/sft" --chat_template --do_sample false --max_new_tokens 16 \
+  --prompt "What is 12 + 30?" --prompt "What number comes after 99?" --prompt "Repeat after me: good night sweet prince"
+echo "held-out loss / perplexity / bits per byte of the pretrained model: $OUT/pretrain/all_results.json"
+echo "curves: $OUT/pretrain/training_curves.png $OUT/sft/training_curves.png"
