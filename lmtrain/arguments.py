@@ -147,6 +147,13 @@ class TrainArguments(TrainingArguments):
     max_grad_norm: float = field(default=1.0, metadata={"help": "Gradient clipping."})
     logging_steps: float = field(default=10, metadata={"help": "Log every N steps."})
     save_total_limit: int | None = field(default=3, metadata={"help": "Keep at most this many checkpoints."})
+    sample_prompts: list[str] | None = field(default=None, metadata={
+        "help": "Prompts to sample from at every evaluation; the texts go to the log, TensorBoard/SwanLab "
+                "and OUTPUT_DIR/samples.jsonl."})
+    sample_max_new_tokens: int = field(default=48, metadata={"help": "Length of those samples."})
+    early_stopping_patience: int | None = field(default=None, metadata={
+        "help": "Stop when the validation loss has not improved for this many evaluations (the best "
+                "checkpoint is kept and loaded at the end)."})
     stop_after_steps: int | None = field(default=None, metadata={
         "help": "Planned stop: save a checkpoint and exit after this global step; rerun to resume."})
     plot_curves: bool = field(default=True, metadata={"help": "Write training_curves.png at the end."})
@@ -156,8 +163,19 @@ class TrainArguments(TrainingArguments):
     def __post_init__(self):
         if self.lr_scheduler_type == "cosine_with_min_lr":
             self.lr_scheduler_kwargs = {"min_lr_rate": self.min_lr_ratio, **(self.lr_scheduler_kwargs or {})}
+        if isinstance(self.report_to, str) and "," in self.report_to:
+            self.report_to = [name.strip() for name in self.report_to.split(",") if name.strip()]
         if self.logging_dir:
             os.environ.setdefault("TENSORBOARD_LOGGING_DIR", self.logging_dir)
+        evaluating = str(self.eval_strategy) not in ("no", "IntervalStrategy.NO")
+        if self.early_stopping_patience:
+            if not evaluating:
+                raise ValueError("--early_stopping_patience needs evaluations: pass --eval_strategy steps "
+                                 "--eval_steps N (and the same --save_strategy/--save_steps)")
+            self.load_best_model_at_end = True
+        if evaluating and self.metric_for_best_model is None:
+            # Tracks the best checkpoint, which checkpoint rotation (save_total_limit) then never deletes.
+            self.metric_for_best_model, self.greater_is_better = "eval_loss", False
         super().__post_init__()
 
 
@@ -185,6 +203,7 @@ def _config_file_to_argv(path: str) -> list[str]:
 
 
 def translate_legacy_flags(argv: list[str]) -> list[str]:
+    argv = _join_report_to(argv)
     translated, skip_values = [], False
     for token in argv:
         if token.startswith("--"):
@@ -201,6 +220,23 @@ def translate_legacy_flags(argv: list[str]) -> list[str]:
             continue
         translated.append(token)
     return translated
+
+
+def _join_report_to(argv: list[str]) -> list[str]:
+    """`--report_to tensorboard swanlab` -> `--report_to tensorboard,swanlab` (the parser takes one value)."""
+    out, i = [], 0
+    while i < len(argv):
+        if argv[i] == "--report_to":
+            values = []
+            i += 1
+            while i < len(argv) and not argv[i].startswith("--"):
+                values.append(argv[i])
+                i += 1
+            out += ["--report_to", ",".join(values)]
+        else:
+            out.append(argv[i])
+            i += 1
+    return out
 
 
 def expand_config_file(argv: list[str]) -> list[str]:

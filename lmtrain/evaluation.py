@@ -71,10 +71,10 @@ def exact_match(model, tokenizer, eval_file: str, max_new_tokens: int = 32, batc
     """Greedy answers to held-out chat prompts ({"messages", "answer", "task"} per line) compared exactly
     (after stripping whitespace) with the expected answers; also how often generation ended with the
     end-of-turn token rather than running to max_new_tokens."""
-    from lmtrain.tokenizer import end_of_turn_token_id
+    from lmtrain.generation import stop_token_ids
 
     records = [json.loads(line) for line in Path(eval_file).read_text(encoding="utf-8").splitlines() if line.strip()]
-    stop_ids = {tokenizer.eos_token_id, end_of_turn_token_id(tokenizer)} - {None}
+    stop_ids = stop_token_ids(model, tokenizer)
     tokenizer.padding_side = "left"
     per_task = defaultdict(lambda: {"correct": 0, "total": 0, "stopped": 0})
     examples = []
@@ -85,7 +85,7 @@ def exact_match(model, tokenizer, eval_file: str, max_new_tokens: int = 32, batc
         encoded = tokenizer(prompts, return_tensors="pt", padding=True, add_special_tokens=False).to(model.device)
         with torch.inference_mode():
             generated = model.generate(**encoded, max_new_tokens=max_new_tokens, do_sample=False,
-                                       pad_token_id=tokenizer.pad_token_id)
+                                       eos_token_id=stop_ids, pad_token_id=tokenizer.pad_token_id)
         for record, row in zip(batch, generated[:, encoded["input_ids"].shape[1]:].tolist()):
             stopped = any(t in stop_ids for t in row)
             answer = tokenizer.decode(row, skip_special_tokens=True).strip()

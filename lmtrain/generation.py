@@ -9,6 +9,8 @@ from dataclasses import dataclass, field
 
 import torch
 
+from lmtrain.tokenizer import end_of_turn_token_id
+
 logger = logging.getLogger(__name__)
 
 
@@ -43,13 +45,25 @@ def load_for_inference(path: str, dtype: str = "auto"):
     return model, tokenizer
 
 
+def stop_token_ids(model, tokenizer) -> list[int]:
+    """The model's own stop tokens (its generation_config) plus the tokenizer's end of text and end of turn.
+
+    A model saved without them (from_config, or by a toolkit that lists only <|endoftext|> while its chat
+    template ends turns with another token) would otherwise run on past the answer to max_new_tokens."""
+    configured = model.generation_config.eos_token_id
+    configured = configured if isinstance(configured, list) else [configured]
+    candidates = [*configured, tokenizer.eos_token_id, end_of_turn_token_id(tokenizer)]
+    return list(dict.fromkeys(i for i in candidates if i is not None))
+
+
 @torch.inference_mode()
 def generate_texts(model, tokenizer, prompts: list[str], sampling: SamplingArguments, chat: bool = False,
                    batch_size: int = 8, streamer=None) -> list[str]:
     """Completions for `prompts`, in the same order. Left padding so every prompt ends where generation
-    starts; generation stops at the model's end-of-text / end-of-turn tokens (its generation_config)."""
+    starts; generation stops at the end-of-text / end-of-turn tokens (`stop_token_ids`)."""
     torch.manual_seed(sampling.seed)
     tokenizer.padding_side = "left"
+    stop_ids = stop_token_ids(model, tokenizer)
     outputs = []
     for start in range(0, len(prompts), batch_size):
         batch = prompts[start:start + batch_size]
@@ -58,7 +72,7 @@ def generate_texts(model, tokenizer, prompts: list[str], sampling: SamplingArgum
                                                    add_generation_prompt=True) for p in batch]
         encoded = tokenizer(batch, return_tensors="pt", padding=True, add_special_tokens=not chat).to(model.device)
         generated = model.generate(**encoded, **sampling.generate_kwargs(), streamer=streamer,
-                                   pad_token_id=tokenizer.pad_token_id)
+                                   eos_token_id=stop_ids, pad_token_id=tokenizer.pad_token_id)
         new_tokens = generated[:, encoded["input_ids"].shape[1]:]
         outputs.extend(tokenizer.batch_decode(new_tokens, skip_special_tokens=True))
     return outputs
@@ -131,6 +145,7 @@ def chat_loop(model, tokenizer, sampling: SamplingArguments, system: str | None 
         print("assistant> ", end="", flush=True)
         with torch.inference_mode():
             generated = model.generate(**encoded, **sampling.generate_kwargs(), streamer=streamer,
+                                       eos_token_id=stop_token_ids(model, tokenizer),
                                        pad_token_id=tokenizer.pad_token_id)
         reply = tokenizer.decode(generated[0, encoded["input_ids"].shape[1]:], skip_special_tokens=True)
         history.append({"role": "assistant", "content": reply})

@@ -184,3 +184,24 @@ def test_deepspeed_zero_trains_and_saves_loadable_weights(corpus_and_tokenizer, 
     parameters = sum(p.numel() for p in model.parameters())
     assert (out / "model.safetensors").stat().st_size >= parameters * 2  # gathered, not an empty ZeRO-3 shard
     assert all(p.abs().sum() > 0 for p in model.parameters())
+
+
+def test_early_stopping_keeps_the_best_checkpoint_and_logs_samples(corpus_and_tokenizer, tmp_path, monkeypatch):
+    """A flat validation loss (learning rate 0) stops training after `patience` evaluations without
+    improvement; the best checkpoint survives save_total_limit=1; samples and SwanLab logs are written
+    offline with no account."""
+    root, corpus, tokenizer_dir = corpus_and_tokenizer
+    monkeypatch.setenv("SWANLAB_LOG_DIR", str(tmp_path / "swanlog"))
+    monkeypatch.delenv("SWANLAB_MODE", raising=False)
+    out = tmp_path / "early"
+    trainer, _ = pretrain.main(base_args(root, corpus, tokenizer_dir, out, "--max_steps", "100",
+                                         "--learning_rate", "0", "--eval_strategy", "steps", "--eval_steps", "5",
+                                         "--save_steps", "5", "--save_total_limit", "1",
+                                         "--early_stopping_patience", "2", "--sample_prompts", "ROMEO.",
+                                         "--sample_max_new_tokens", "4", "--report_to", "swanlab", "tensorboard"))
+    assert trainer.state.global_step == 15
+    assert trainer.state.best_model_checkpoint.endswith("checkpoint-5")
+    assert (out / "checkpoint-5").is_dir()
+    samples = [json.loads(line) for line in (out / "samples.jsonl").read_text().splitlines()]
+    assert [s["step"] for s in samples] == [5, 10, 15, 15] and samples[0]["prompt"] == "ROMEO."
+    assert any((tmp_path / "swanlog").rglob("*.swanlab"))
