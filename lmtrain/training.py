@@ -27,8 +27,8 @@ def collate_packed_blocks(rows: list[dict]) -> dict:
 
 
 def is_complete_checkpoint(path: Path) -> bool:
-    """A checkpoint a crash did not cut short: the trainer state (written last but one) parses and weights
-    exist (HF safetensors, or a DeepSpeed `latest` tag)."""
+    """A checkpoint a crash did not cut short. The Trainer writes trainer_state.json after the weights,
+    optimizer, scheduler and RNG states, so a parsable trainer_state.json next to weights means complete."""
     state = path / "trainer_state.json"
     try:
         json.loads(state.read_text())

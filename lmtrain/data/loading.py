@@ -52,7 +52,7 @@ def load_pretrain_data(args: DataArguments, tokenizer, training_args) -> Trainin
 
 def _check_token_range(train: datasets.Dataset, tokenizer):
     """Data tokenized with a different (larger) tokenizer would index past the embeddings on the GPU."""
-    sample = train.with_format("arrow")[: min(256, len(train))]["input_ids"].combine_chunks().values
+    sample = train.with_format("arrow")[: min(256, len(train))]["input_ids"].combine_chunks().flatten()
     highest = max(sample.to_numpy()) if len(sample) else 0
     if highest >= len(tokenizer):
         raise ValueError(f"the data holds token id {highest} but the tokenizer has {len(tokenizer)} tokens: it was "

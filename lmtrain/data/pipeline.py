@@ -194,9 +194,10 @@ def _pack(tokenized: datasets.Dataset, indices: np.ndarray, block_size: int, pad
             tqdm(total=len(indices), desc=desc, unit="doc") as bar:
         for table in selected.iter(batch_size=4096):
             column = table.column("input_ids").combine_chunks()
-            flat = column.values.to_numpy(zero_copy_only=False)
-            lengths = np.diff(column.offsets.to_numpy())
-            for block in packer.add(flat[column.offsets[0].as_py():], lengths):
+            # flatten() honours slicing (`.values` would return the whole underlying buffer)
+            flat = column.flatten().to_numpy(zero_copy_only=False)
+            lengths = pa.compute.list_value_length(column).to_numpy(zero_copy_only=False).astype(np.int64)
+            for block in packer.add(flat, lengths):
                 writer.write_table(blocks_to_arrow(block))
                 blocks += len(block["input_ids"])
             bar.update(len(table))
