@@ -24,7 +24,9 @@ from lmtrain.generation import (SamplingArguments, chat_loop, diversity, generat
 @dataclass
 class GenerateArguments:
     model: str = field(default="outputs/demo/pretrain", metadata={"help": "HF model directory or hub name."})
-    prompt: list[str] | None = field(default=None, metadata={"help": "Prompt(s) to complete."})
+    # "extend": `--prompt A --prompt B` (as in the docstring) keeps both; a plain list flag keeps only B.
+    prompt: list[str] | None = field(default=None, metadata={
+        "help": "Prompt(s) to complete: --prompt A B or --prompt A --prompt B.", "action": "extend"})
     prompts_file: str | None = field(default=None, metadata={"help": "jsonl with a 'prompt' field per line."})
     output_file: str | None = field(default=None, metadata={"help": "Where --prompts_file results go (jsonl)."})
     chat_template: bool = field(default=False, metadata={"help": "Wrap prompts as a user turn (chat models)."})

@@ -1,0 +1,57 @@
+"""Export a trained model as a standard Hugging Face directory, optionally in bf16 and with a LoRA adapter
+merged, ready for `from_pretrained`, `pipeline("text-generation")`, vLLM, llama.cpp's GGUF converter and
+lm-evaluation-harness (`--model hf`).
+
+    python export.py --model outputs/qwen-0.5b --output_dir exports/qwen-0.5b-bf16 --dtype bfloat16
+    python export.py --model outputs/demo/pretrain --adapter outputs/sft-lora/adapter --output_dir exports/merged
+"""
+from __future__ import annotations
+
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # importable from any working directory
+
+import torch  # noqa: E402
+
+from lmtrain.arguments import parse_arguments  # noqa: E402
+
+
+@dataclass
+class ExportArguments:
+    model: str = field(metadata={"help": "Trained model directory (or hub name)."})
+    output_dir: str = field(metadata={"help": "Where the exported model goes."})
+    dtype: str = field(default="bfloat16", metadata={"help": "bfloat16, float16 or float32."})
+    adapter: str | None = field(default=None, metadata={"help": "A LoRA adapter directory to merge in."})
+    max_shard_size: str = field(default="5GB", metadata={"help": "Safetensors shard size."})
+
+
+def main(argv=None):
+    from transformers import AutoModelForCausalLM
+
+    from lmtrain.modeling import generation_config_for
+    from lmtrain.tokenizer import load_tokenizer
+
+    (args,) = parse_arguments([ExportArguments], argv)
+    if args.dtype not in ("bfloat16", "float16", "float32"):
+        raise SystemExit(f"--dtype must be bfloat16, float16 or float32, not {args.dtype}")
+    tokenizer = load_tokenizer(args.adapter if args.adapter and Path(args.adapter, "tokenizer_config.json").exists()
+                               else args.model)
+    model = AutoModelForCausalLM.from_pretrained(args.model, dtype=torch.float32)
+    if args.adapter:
+        from peft import PeftModel
+
+        model = PeftModel.from_pretrained(model, args.adapter).merge_and_unload()
+    model = model.to(getattr(torch, args.dtype))
+    model.config.use_cache = True
+    model.generation_config = generation_config_for(tokenizer, model.generation_config)
+    model.save_pretrained(args.output_dir, max_shard_size=args.max_shard_size)
+    tokenizer.save_pretrained(args.output_dir)
+    print(f"exported {sum(p.numel() for p in model.parameters()) / 1e6:.2f}M parameters as {args.dtype} "
+          f"to {args.output_dir}")
+    return args.output_dir
+
+
+if __name__ == "__main__":
+    main()
