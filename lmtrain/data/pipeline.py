@@ -249,8 +249,24 @@ def _drop_counts(dataset: datasets.Dataset) -> Counter:
     return Counter(r for r in dataset.with_format("arrow")["drop"].to_pylist() if r)
 
 
-def _deduplicate(cleaned: datasets.Dataset, config: CleaningConfig) -> np.ndarray:
-    """Per-row drop reasons after exact and near deduplication (first occurrence kept)."""
+def _deduplicate(cleaned: datasets.Dataset, config: CleaningConfig, cache_dir: Path, overwrite: bool) -> np.ndarray:
+    """Per-row drop reasons after exact and near deduplication (first occurrence kept). Cached: the LSH pass
+    is sequential, and every rank of a multi-GPU job calls this after rank 0 has prepared the data."""
+    key = hashlib.sha256(json.dumps([cleaned._fingerprint, config.dedup_exact, config.dedup_near,
+                                     config.near_dup_threshold]).encode()).hexdigest()[:24]
+    path = cache_dir / f"dedup-{key}.npz"
+    if path.exists() and not overwrite:
+        saved = np.load(path)
+        return np.array([str(r) for r in saved["reasons"]], dtype=object)[saved["codes"]]
+    drops = _find_duplicates(cleaned, config)
+    reasons, codes = np.unique(drops.astype(str), return_inverse=True)  # one small code per row
+    tmp = path.with_name(path.stem + ".tmp.npz")
+    np.savez(tmp, reasons=reasons, codes=codes.astype(np.uint8 if len(reasons) < 256 else np.int32))
+    tmp.replace(path)
+    return drops
+
+
+def _find_duplicates(cleaned: datasets.Dataset, config: CleaningConfig) -> np.ndarray:
     table = cleaned.with_format("arrow")
     drops = np.array(table["drop"].to_pylist(), dtype=object)
     if config.dedup_exact:
@@ -297,7 +313,7 @@ def prepare_pretrain_data(args: DataArguments, tokenizer, cache_dir: str | None 
         cleaned = raw.map(clean_batch, batched=True, batch_size=512, num_proc=num_proc, fn_kwargs={"config": config},
                           load_from_cache_file=load_from_cache, desc="cleaning")
         report.cache["clean"] = _reused(cleaned, started)
-        drops = _deduplicate(cleaned, config)
+        drops = _deduplicate(cleaned, config, cache_root, args.overwrite_cache)
         text_source = cleaned.remove_columns([c for c in cleaned.column_names if c not in ("text", "source")])
     else:
         drops = np.array(raw.with_format("arrow")["drop"].to_pylist(), dtype=object)
