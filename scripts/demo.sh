@@ -21,14 +21,14 @@ if $PYTHON -c "import torch, sys; sys.exit(0 if torch.cuda.is_available() else 1
   ACCEL=(--deepspeed ds_configs/zero2.json --bf16)
   SFT_STEPS=${SFT_STEPS:-600}
   MODEL=(--config_name qwen2-tiny --config_overrides hidden_size=512,intermediate_size=1536,num_hidden_layers=8,num_attention_heads=8,num_key_value_heads=4)
-  BATCH_SIZE=32 BLOCK=512
+  BATCH_SIZE=32 BLOCK=512 SFT_LENGTH=256
 else
-  DEMO_STEPS=${DEMO_STEPS:-600}
+  DEMO_STEPS=${DEMO_STEPS:-300}
   LAUNCH=($PYTHON)
   ACCEL=()
-  SFT_STEPS=${SFT_STEPS:-300}
+  SFT_STEPS=${SFT_STEPS:-200}
   MODEL=(--config_name qwen2-tiny)
-  BATCH_SIZE=16 BLOCK=256
+  BATCH_SIZE=16 BLOCK=256 SFT_LENGTH=128
 fi
 
 echo "== 1/7 tokenizer"
@@ -41,7 +41,7 @@ echo "== 2/7 data"
 echo "== 3/7 pretrain (${DEMO_STEPS} steps)"
 "${LAUNCH[@]}" pretrain.py "${ACCEL[@]}" "${MODEL[@]}" --tokenizer_name "$OUT/tokenizer" --dataset_path "$OUT/data" --per_device_train_batch_size "$BATCH_SIZE" \
   --max_steps "$DEMO_STEPS" --learning_rate 3e-3 --warmup_steps 50 --logging_steps 25 \
-  --eval_strategy steps --eval_steps 200 --max_eval_samples 64 --save_steps 200 --save_total_limit 2 \
+  --eval_strategy steps --eval_steps 100 --max_eval_samples 64 --save_steps 100 --save_total_limit 2 \
   --report_to tensorboard --output_dir "$OUT/pretrain" --disable_tqdm true
 
 echo "== 4/7 samples from the pretrained model"
@@ -55,9 +55,9 @@ $PYTHON evaluate.py --model "$OUT/pretrain" --sft_eval_file "$OUT/sft_data/eval.
 
 echo "== 6/7 SFT (${SFT_STEPS} steps)"
 "${LAUNCH[@]}" sft.py "${ACCEL[@]}" --model_name_or_path "$OUT/pretrain" --train_files "$OUT/sft_data/train.jsonl" \
-  --max_length 256 --per_device_train_batch_size "$BATCH_SIZE" --learning_rate 2e-3 --warmup_steps 20 \
-  --max_steps "$SFT_STEPS" --logging_steps 25 --save_steps 200 --save_total_limit 1 --eval_strategy steps \
-  --eval_steps 100 --report_to tensorboard --output_dir "$OUT/sft" --disable_tqdm true
+  --max_length "$SFT_LENGTH" --per_device_train_batch_size "$BATCH_SIZE" --learning_rate 2e-3 --warmup_steps 20 \
+  --max_steps "$SFT_STEPS" --logging_steps 25 --save_steps 100 --save_total_limit 1 --eval_strategy steps \
+  --eval_steps 100 --max_eval_samples 64 --report_to tensorboard --output_dir "$OUT/sft" --disable_tqdm true
 
 echo "== 7/7 evaluation after SFT, and chat samples"
 $PYTHON evaluate.py --model "$OUT/sft" --sft_eval_file "$OUT/sft_data/eval.jsonl" --max_new_tokens 16 \
