@@ -205,3 +205,30 @@ def test_early_stopping_keeps_the_best_checkpoint_and_logs_samples(corpus_and_to
     samples = [json.loads(line) for line in (out / "samples.jsonl").read_text().splitlines()]
     assert [s["step"] for s in samples] == [5, 10, 15, 15] and samples[0]["prompt"] == "ROMEO."
     assert any((tmp_path / "swanlog").rglob("*.swanlab"))
+
+
+def test_resume_after_kill_minus_9_reproduces_uninterrupted_losses(corpus_and_tokenizer, tmp_path):
+    """A real crash: SIGKILL the training process once a checkpoint exists, rerun the same command."""
+    import signal
+    import time
+
+    root, corpus, tokenizer_dir = corpus_and_tokenizer
+    args = ["--max_steps", "150", "--save_steps", "20", "--save_total_limit", "2", "--disable_tqdm", "true"]
+    straight, _ = pretrain.main(base_args(root, corpus, tokenizer_dir, tmp_path / "straight", *args))
+    out = tmp_path / "killed"
+    command = [sys.executable, str(REPO / "pretrain.py"), *base_args(root, corpus, tokenizer_dir, out, *args)]
+    process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 300
+    while not (out / "checkpoint-20" / "trainer_state.json").exists() and time.time() < deadline:
+        time.sleep(0.05)
+    process.send_signal(signal.SIGKILL)
+    process.wait()
+    assert not (out / "trainer_state.json").exists(), "training finished before it could be killed"
+    resumed = subprocess.run(command, capture_output=True, text=True, timeout=600)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert "resuming from" in resumed.stderr
+    history = json.loads((out / "trainer_state.json").read_text())["log_history"]
+    got = {row["step"]: row["loss"] for row in history if "loss" in row}
+    expected = losses(straight)
+    assert sorted(got) == sorted(expected)
+    assert all(got[step] == expected[step] for step in expected), "resumed losses differ"
