@@ -1,7 +1,8 @@
 """Data preparation memory: prepare a multi-GB jsonl corpus and record the peak memory of the process tree.
 
-    python bench/data_memory.py                          # 2 GB corpus, 2 processes (about 15 min on 2 cores)
-    python bench/data_memory.py --corpus_gb 0.2          # a quick check
+    python bench/data_memory.py                      # 2 GB corpus, 2 processes: 18.5 min on a busy 2-core machine
+    python bench/data_memory.py --corpus_gb 0.5      # 3.2 min
+    python bench/data_memory.py --corpus_gb 0.2 --doc_kb 400             # book-length documents (~100k tokens)
     python bench/data_memory.py --corpus_gb 3 --num_proc 2 --vocab_size 32000 --work_dir /tmp/lmtrain_bench
 
 The corpus (shuffled-line copies of the demo corpus's documents, see bench/corpus.py) is written once under
@@ -21,6 +22,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import resource
 import shutil
 import subprocess
 import sys
@@ -33,11 +35,18 @@ import psutil
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a script from any directory
 
-from bench.corpus import DEFAULT_WORK_DIR, build_tokenizer, write_corpus  # noqa: E402
+from bench.corpus import (DEFAULT_WORK_DIR, build_tokenizer, code_version, machine_description,  # noqa: E402
+                          write_corpus)
 
 REPO = Path(__file__).resolve().parents[1]
 # Progress-bar labels on the child's stderr, in the order the steps run: they tell which step a peak is in.
 PHASES = ("Generating train split", "tokenizing", "packing train", "packing validation", "Saving the dataset")
+
+
+def machine_busy_seconds() -> float:
+    """CPU time all processes of the machine have used since boot, summed over the cores."""
+    times = psutil.cpu_times()
+    return sum(times) - times.idle - getattr(times, "iowait", 0.0)
 
 
 def process_memory(pid: int) -> dict | None:
@@ -111,6 +120,8 @@ def follow_stderr(stream, log, sampler: TreeSampler):
 def parse_args(argv=None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--corpus_gb", type=float, default=2.0, help="Corpus size in GB (10**9 bytes).")
+    parser.add_argument("--doc_kb", type=float, default=0,
+                        help="Join scenes into documents of at least this many KB (0: one ~9 KB scene each).")
     parser.add_argument("--num_files", type=int, default=32, help="jsonl files the corpus is split into.")
     parser.add_argument("--num_proc", type=int, default=2, help="--preprocessing_num_workers of the prepare step.")
     parser.add_argument("--vocab_size", type=int, default=32000, help="BPE vocabulary of the tokenizer.")
@@ -127,12 +138,13 @@ def main(argv=None) -> dict:
     os.makedirs(args.work_dir, exist_ok=True)
     tokenizer_dir = build_tokenizer(args.vocab_size, args.work_dir)
     generated = time.perf_counter()
-    corpus_dir, corpus_bytes = write_corpus(args.corpus_gb * 1000, args.num_files, args.work_dir)
-    print(f"corpus: {corpus_dir}: {corpus_bytes / 1e9:.2f} GB in {args.num_files} files "
+    corpus_dir, corpus_bytes = write_corpus(args.corpus_gb * 1000, args.num_files, args.work_dir, doc_kb=args.doc_kb)
+    print(f"lmtrain {code_version()}; corpus: {corpus_dir}: {corpus_bytes / 1e9:.2f} GB in {args.num_files} files "
           f"(ready in {time.perf_counter() - generated:.0f} s)", flush=True)
 
     run_dir = Path(tempfile.mkdtemp(prefix="memory-", dir=args.work_dir))
-    command = [sys.executable, str(REPO / "data_prep" / "prepare_pretrain.py"),
+    script = REPO / "data_prep" / "prepare_pretrain.py"
+    command = [sys.executable, str(script),
                "--tokenizer_name", tokenizer_dir, "--sources", f"bench={corpus_dir}/*.jsonl",
                "--clean", "false", "--overwrite_cache", "true",
                "--preprocessing_num_workers", str(args.num_proc), "--block_size", str(args.block_size),
@@ -140,6 +152,7 @@ def main(argv=None) -> dict:
     print("running:", " ".join(command), flush=True)
     log_path = run_dir / "prepare.log"
     with open(log_path, "wb") as log:
+        busy_started = machine_busy_seconds()
         started = time.perf_counter()
         process = subprocess.Popen(command, stdout=log, stderr=subprocess.PIPE, cwd=REPO)
         sampler = TreeSampler(process.pid, args.interval)
@@ -148,6 +161,9 @@ def main(argv=None) -> dict:
         sampler.run_until_exit(process)
         wall = time.perf_counter() - started
         reader.join()
+    usage = resource.getrusage(resource.RUSAGE_CHILDREN)  # the prepare step and its workers, all reaped now
+    own_cpu = usage.ru_utime + usage.ru_stime
+    others_share = max(0.0, machine_busy_seconds() - busy_started - own_cpu) / (wall * os.cpu_count())
     if process.returncode != 0:
         print(log_path.read_text(errors="replace")[-4000:])
         raise SystemExit(f"prepare_pretrain.py failed (exit code {process.returncode}); log: {log_path}")
@@ -158,16 +174,19 @@ def main(argv=None) -> dict:
     tokens = sum(report["tokens"].values())
     peak = {name: {**value, "GB": round(value["kB"] * 1024 / 1e9, 3)} for name, value in sampler.peak.items()}
     print(f"corpus size: {corpus_bytes / 1e9:.2f} GB ({report['documents_read']:,} documents)")
-    print(f"tokens: {tokens:,}   wall time: {wall:.0f} s ({tokens / wall:,.0f} tokens/s)   "
-          f"steps, s: {report['seconds']}")
+    print(f"tokens: {tokens:,}   wall time: {wall:.0f} s ({tokens / wall:,.0f} tokens/s, {own_cpu:.0f} CPU s; "
+          f"other processes used {others_share:.0%} of the machine meanwhile)   steps, s: {report['seconds']}")
     for name in TreeSampler.FIGURES:
-        print(f"peak {name:<20} {peak[name]['GB']:6.2f} GB  ({peak[name]['GB'] * 1e9 / corpus_bytes:.1%} of the corpus; "
-              f"at {peak[name]['at_s']} s, during '{peak[name]['phase']}', {peak[name]['processes']} processes)")
+        share = peak[name]["GB"] * 1e9 / corpus_bytes
+        print(f"peak {name:<20} {peak[name]['GB']:6.2f} GB  ({share:.2f} x the corpus; at {peak[name]['at_s']} s, "
+              f"during '{peak[name]['phase']}', {peak[name]['processes']} processes)")
     print(f"on disk: caches {disk['cache'] / 1e9:.2f} GB, prepared dataset {disk['prepared'] / 1e9:.2f} GB; "
           f"{sampler.samples} memory samples")
-    result = {"benchmark": "data_memory", "num_proc": args.num_proc, "cpus": os.cpu_count(),
+    result = {"benchmark": "data_memory", "code": code_version(),
+              "doc_kb": args.doc_kb, "num_proc": args.num_proc, "machine": machine_description(),
               "corpus_bytes": corpus_bytes, "documents": report["documents_read"], "tokens": tokens,
-              "wall_seconds": round(wall, 1), "step_seconds": report["seconds"], "peak": peak,
+              "wall_seconds": round(wall, 1), "cpu_seconds": round(own_cpu, 1),
+              "others_cpu_share": round(others_share, 3), "step_seconds": report["seconds"], "peak": peak,
               "disk_bytes": disk, "samples": sampler.samples, "vocab_size": args.vocab_size,
               "block_size": args.block_size}
     if not args.keep_output:

@@ -1,7 +1,8 @@
 """Data preparation throughput: raw `tokenizers` batch encoding against lmtrain's whole prepare step.
 
-    python bench/data_throughput.py                                   # 64 MB corpus, 2 processes, 32k vocab
-    python bench/data_throughput.py --num_proc 1 --corpus_mb 100 --vocab_size 32000 --repeats 3
+    python bench/data_throughput.py                 # 64 MB corpus, 2 processes, 32k vocab, 3 repeats (~3 min)
+    python bench/data_throughput.py --num_proc 1 --corpus_mb 100 --vocab_size 32000 --repeats 5
+    python bench/data_throughput.py --raw_method encode_batch_fast   # (a) without character offsets, as (b) uses
 
 Both sides get the same text, the same tokenizer and the same number of processes:
   (a) raw: the texts already in memory, `Tokenizer.encode_batch` over batches of `--batch_size` texts,
@@ -9,8 +10,10 @@ Both sides get the same text, the same tokenizer and the same number of processe
   (b) prepare: `prepare_pretrain_data` with cleaning off (read jsonl -> tokenize -> split -> pack) followed by
       `save_prepared`, with `overwrite_cache=True` and a fresh cache directory, so nothing is reused.
 Each measurement runs in a fresh process: the tokenizer's word cache starts cold on both sides, and the
-Rust thread pool is never disabled by a fork after use. The target is (b)/(a) >= 0.8. The last line of output
-is a JSON object with every figure.
+Rust thread pool is never disabled by a fork after use. (a) and (b) alternate `--repeats` times and the
+fastest run of each side is compared (target: (b)/(a) >= 0.8); every run also reports its CPU seconds and
+the share of the machine that other processes used meanwhile, since on a shared machine they slow either
+side at random. The last line of output is a JSON object with every figure.
 """
 from __future__ import annotations
 
@@ -18,7 +21,6 @@ import argparse
 import json
 import multiprocessing
 import os
-import platform
 import queue as queue_module
 import shutil
 import statistics
@@ -27,9 +29,12 @@ import tempfile
 import time
 from pathlib import Path
 
+import psutil
+
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a script from any directory
 
-from bench.corpus import DEFAULT_WORK_DIR, build_tokenizer, write_corpus  # noqa: E402
+from bench.corpus import (DEFAULT_WORK_DIR, build_tokenizer, code_version, machine_description,  # noqa: E402
+                          write_corpus)
 
 # Set in the parent before the raw workers fork, so the texts are shared, not pickled to each worker.
 _TEXTS: list[str] = []
@@ -40,6 +45,26 @@ def _cpu_seconds() -> float:
     """CPU time of this process (all its threads) and of its children that have been waited for."""
     times = os.times()
     return times.user + times.system + times.children_user + times.children_system
+
+
+def _machine_busy_seconds() -> float:
+    """CPU time all processes of the machine have used since boot, summed over the cores."""
+    times = psutil.cpu_times()
+    return sum(times) - times.idle - getattr(times, "iowait", 0.0)
+
+
+def _timing(started: tuple[float, float, float], tokens: int) -> dict:
+    """Wall and CPU figures since `started` = (wall, own CPU, machine busy); `others_cpu_share` is the share of
+    the machine's cores that other processes used meanwhile: the benchmark shares the machine with them."""
+    wall = time.perf_counter() - started[0]
+    cpu = _cpu_seconds() - started[1]
+    others = max(0.0, _machine_busy_seconds() - started[2] - cpu)
+    return {"tokens": tokens, "seconds": round(wall, 3), "tokens_per_s": tokens / wall, "cpu_seconds": round(cpu, 2),
+            "tokens_per_cpu_s": tokens / cpu, "others_cpu_share": round(others / (wall * os.cpu_count()), 3)}
+
+
+def _start_clocks() -> tuple[float, float, float]:
+    return time.perf_counter(), _cpu_seconds(), _machine_busy_seconds()
 
 
 def _encode_range(job: tuple[int, int, int, str]) -> int:
@@ -64,7 +89,7 @@ def measure_raw(corpus_dir: str, tokenizer_dir: str, num_proc: int, batch_size: 
     n = len(_TEXTS)
     bounds = [round(i * n / num_proc) for i in range(num_proc + 1)]
     jobs = [(start, stop, batch_size, method) for start, stop in zip(bounds, bounds[1:])]
-    cpu_started, started = _cpu_seconds(), time.perf_counter()
+    started = _start_clocks()
     if num_proc == 1:
         tokens = _encode_range(jobs[0])
     else:
@@ -72,9 +97,7 @@ def measure_raw(corpus_dir: str, tokenizer_dir: str, num_proc: int, batch_size: 
         tokens = sum(pool.map(_encode_range, jobs))
         pool.close()
         pool.join()  # reaped, so the workers' CPU time is counted
-    seconds, cpu = time.perf_counter() - started, _cpu_seconds() - cpu_started
-    return {"documents": n, "tokens": tokens, "seconds": round(seconds, 3), "tokens_per_s": tokens / seconds,
-            "cpu_seconds": round(cpu, 2), "tokens_per_cpu_s": tokens / cpu}
+    return {"documents": n, **_timing(started, tokens)}
 
 
 def measure_prepare(corpus_dir: str, tokenizer_dir: str, num_proc: int, block_size: int, work_dir: str) -> dict:
@@ -89,18 +112,17 @@ def measure_prepare(corpus_dir: str, tokenizer_dir: str, num_proc: int, block_si
                              preprocessing_num_workers=num_proc, prepared_cache_dir=str(run_dir / "cache"),
                              block_size=block_size)
         tokenizer = load_tokenizer(tokenizer_dir)
-        cpu_started, started = _cpu_seconds(), time.perf_counter()
+        started = _start_clocks()
         dataset, report = prepare_pretrain_data(args, tokenizer)
         prepared = time.perf_counter()
         save_prepared(dataset, report, str(run_dir / "prepared"), tokenizer)
-        finished, cpu = time.perf_counter(), _cpu_seconds() - cpu_started
+        save_seconds = time.perf_counter() - prepared
+        tokens = sum(report.tokens.values())  # every document's tokens, its appended EOS included
+        timing = _timing(started, tokens)
     finally:
         shutil.rmtree(run_dir, ignore_errors=True)
-    tokens = sum(report.tokens.values())  # every document's tokens, its appended EOS included
-    seconds = finished - started
-    return {"documents": report.documents_read, "tokens": tokens, "seconds": round(seconds, 3),
-            "tokens_per_s": tokens / seconds, "cpu_seconds": round(cpu, 2), "tokens_per_cpu_s": tokens / cpu,
-            "step_seconds": {**report.seconds, "save": round(finished - prepared, 2)},
+    return {"documents": report.documents_read, **timing,
+            "step_seconds": {**report.seconds, "save": round(save_seconds, 2)},
             "cache": report.cache, "blocks": report.blocks}
 
 
@@ -140,7 +162,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--raw_method", default="encode_batch", choices=["encode_batch", "encode_batch_fast"],
                         help="Tokenizer method of (a); encode_batch_fast skips computing character offsets.")
     parser.add_argument("--block_size", type=int, default=1024, help="Packed block size of (b).")
-    parser.add_argument("--repeats", type=int, default=3, help="Alternating (a), (b) runs; the fastest of each is compared.")
+    parser.add_argument("--repeats", type=int, default=3,
+                        help="Alternating (a), (b) runs; the fastest of each side is compared.")
     parser.add_argument("--work_dir", default=DEFAULT_WORK_DIR, help="Corpus, tokenizer and scratch space.")
     return parser.parse_args(argv)
 
@@ -150,25 +173,22 @@ def main(argv=None) -> dict:
     os.makedirs(args.work_dir, exist_ok=True)
     tokenizer_dir = build_tokenizer(args.vocab_size, args.work_dir)
     corpus_dir, corpus_bytes = write_corpus(args.corpus_mb, args.num_files, args.work_dir)
-    print(f"corpus: {corpus_dir} ({corpus_bytes / 1e6:.1f} MB in {args.num_files} files); "
+    print(f"lmtrain {code_version()}; corpus: {corpus_dir} ({corpus_bytes / 1e6:.1f} MB in {args.num_files} files); "
           f"tokenizer: {tokenizer_dir}; num_proc {args.num_proc}; {os.cpu_count()} CPUs", flush=True)
 
     raw_runs, prepare_runs = [], []
     for repeat in range(args.repeats):
-        # Other work on the machine slows both sides; the load average shows when that happened.
-        load = os.getloadavg()[0]
         raw = in_fresh_process(measure_raw, corpus_dir=corpus_dir, tokenizer_dir=tokenizer_dir,
                                num_proc=args.num_proc, batch_size=args.batch_size, method=args.raw_method)
         prepare = in_fresh_process(measure_prepare, corpus_dir=corpus_dir, tokenizer_dir=tokenizer_dir,
                                    num_proc=args.num_proc, block_size=args.block_size, work_dir=args.work_dir)
-        raw["load_average_1min"] = prepare["load_average_1min"] = load
         raw_runs.append(raw)
         prepare_runs.append(prepare)
-        print(f"run {repeat + 1} (load average {load:.2f}): "
-              f"(a) raw {raw['tokens_per_s']:,.0f} tokens/s ({raw['tokens']:,} tokens, {raw['seconds']:.2f} s, "
-              f"{raw['cpu_seconds']:.1f} CPU s)   (b) prepare {prepare['tokens_per_s']:,.0f} tokens/s "
-              f"({prepare['tokens']:,} tokens, {prepare['seconds']:.2f} s, {prepare['cpu_seconds']:.1f} CPU s)   "
-              f"steps, s: {prepare['step_seconds']}", flush=True)
+        print(f"run {repeat + 1}: (a) raw {raw['tokens_per_s']:,.0f} tokens/s ({raw['tokens']:,} tokens, "
+              f"{raw['seconds']:.2f} s, {raw['cpu_seconds']:.1f} CPU s, other processes {raw['others_cpu_share']:.0%}"
+              f")   (b) prepare {prepare['tokens_per_s']:,.0f} tokens/s ({prepare['tokens']:,} tokens, "
+              f"{prepare['seconds']:.2f} s, {prepare['cpu_seconds']:.1f} CPU s, other processes "
+              f"{prepare['others_cpu_share']:.0%})   steps, s: {prepare['step_seconds']}", flush=True)
 
     # The machine may be shared: other work only ever slows a run down, so the fastest of the repeats is the
     # least disturbed measurement of each side; medians and back-to-back pairs are printed too.
@@ -189,8 +209,8 @@ def main(argv=None) -> dict:
     print(f"tokens per CPU-second, (b)/(a): {cpu_ratio:.3f}")
     print(f"per-step seconds of the fastest (b) run: {fastest['step_seconds']}")
     result = {
-        "benchmark": "data_throughput", "num_proc": args.num_proc, "cpus": os.cpu_count(),
-        "machine": platform.processor() or platform.machine(), "corpus_bytes": corpus_bytes,
+        "benchmark": "data_throughput", "code": code_version(), "num_proc": args.num_proc, "cpus": os.cpu_count(),
+        "machine": machine_description(), "corpus_bytes": corpus_bytes,
         "num_files": args.num_files, "vocab_size": args.vocab_size, "raw_method": args.raw_method,
         "batch_size": args.batch_size, "block_size": args.block_size,
         "raw_tokens_per_s": round(raw_rate), "prepare_tokens_per_s": round(prepare_rate), "ratio": round(ratio, 3),

@@ -8,6 +8,7 @@ disk, so corpora larger than RAM only cost disk.
 from __future__ import annotations
 
 import hashlib
+import itertools
 import json
 import logging
 import os
@@ -135,35 +136,60 @@ def read_source(spec: SourceSpec, args: DataArguments, cache_dir: str | None) ->
     )
 
 
-def tokenize_table(table: pa.Table, tokenizer) -> pa.Table:
-    """Arrow batch -> per-document `input_ids` (ending in EOS), `num_tokens`, `num_bytes`, `source`.
+# Memory per step is bounded in characters / tokens, not documents, so book-length documents cannot blow it
+# up (measured in docs/PERFORMANCE.md: 5.8 GB -> 1.3 GB peak on 430 KB documents).
+ENCODE_CHARS = 8_000_000  # ~2M tokens of Rust Encodings and Python id lists alive at once
+PACK_TOKENS = 4_000_000   # ~250 MB of packer arrays at once
 
-    Calls the Rust tokenizer directly on the whole batch (parallel inside), and builds Arrow arrays from
-    flat NumPy buffers: this keeps the step close to raw `tokenizers` speed.
+
+def _slices_by_chars(char_counts: np.ndarray, limit: int):
+    """(start, stop) row ranges of at most `limit` characters each (a longer document goes alone)."""
+    start, total = 0, 0
+    for row, count in enumerate(char_counts):
+        if row > start and total + count > limit:
+            yield start, row
+            start, total = row, 0
+        total += int(count)
+    if start < len(char_counts):
+        yield start, len(char_counts)
+
+
+def tokenize_table(table: pa.Table, tokenizer) -> pa.Table:
+    """Arrow batch -> per-document `input_ids` (ending in EOS), `num_tokens`, `num_bytes`, `num_chars`, `source`.
+
+    Calls the Rust tokenizer directly on slices of the batch (parallel inside) and builds Arrow arrays from
+    flat NumPy buffers: this keeps the step close to raw `tokenizers` speed (docs/PERFORMANCE.md).
     """
-    texts = table.column("text").to_pylist()
+    text = table.column("text").combine_chunks()
+    num_chars = pa.compute.utf8_length(text).cast(pa.int64())
     backend = tokenizer.backend_tokenizer
     encode = getattr(backend, "encode_batch_fast", backend.encode_batch)
+    eos = tokenizer.eos_token_id
+    flats, lengths = [], []
     # Special-token strings inside a document ("<|endoftext|>" in a web page about LLMs) are plain text:
     # encoded as special tokens they would put an EOS, or a chat marker, in the middle of a document.
     previous, backend.encode_special_tokens = backend.encode_special_tokens, True
     try:
-        ids = [encoding.ids for encoding in encode(texts, add_special_tokens=True)]
+        for start, stop in _slices_by_chars(num_chars.to_numpy(zero_copy_only=False), ENCODE_CHARS):
+            ids = [encoding.ids for encoding in encode(text.slice(start, stop - start).to_pylist(),
+                                                       add_special_tokens=True)]
+            for doc in ids:
+                if not doc or doc[-1] != eos:
+                    doc.append(eos)
+            counts = [len(doc) for doc in ids]
+            lengths.extend(counts)
+            flats.append(np.fromiter(itertools.chain.from_iterable(ids), dtype=np.int32, count=sum(counts)))
+            del ids  # free this slice's Python int lists before encoding the next
     finally:
         backend.encode_special_tokens = previous
-    eos = tokenizer.eos_token_id
-    for doc in ids:
-        if not doc or doc[-1] != eos:
-            doc.append(eos)
-    lengths = np.fromiter((len(doc) for doc in ids), dtype=np.int64, count=len(ids))
-    flat = np.fromiter((t for doc in ids for t in doc), dtype=np.int32, count=int(lengths.sum()))
+    lengths = np.asarray(lengths, dtype=np.int64)
     offsets = np.concatenate([[0], np.cumsum(lengths)]).astype(np.int32)
-    num_bytes = pa.compute.binary_length(table.column("text").cast(pa.string()).combine_chunks().cast(pa.binary()))
+    flat = np.concatenate(flats) if flats else np.zeros(0, np.int32)
     return pa.table({
         "input_ids": pa.ListArray.from_arrays(pa.array(offsets), pa.array(flat)),
         "num_tokens": pa.array(lengths),
-        "num_bytes": num_bytes.cast(pa.int64()),
-        "num_chars": pa.compute.utf8_length(table.column("text")).cast(pa.int64()),
+        "num_bytes": pa.compute.binary_length(text.cast(pa.binary())).cast(pa.int64()),
+        "num_chars": num_chars,
         "source": table.column("source"),
     })
 
@@ -188,11 +214,13 @@ def _pack(tokenized: datasets.Dataset, indices: np.ndarray, block_size: int, pad
     packer = BlockPacker(block_size, pad_id, drop_remainder)
     tmp = path.with_suffix(".tmp")
     selected = tokenized.select(indices).with_format("arrow")
+    mean_tokens = pa.compute.mean(selected["num_tokens"]).as_py() or 1
+    batch_docs = int(min(4096, max(1, PACK_TOKENS // mean_tokens)))
     blocks = 0
     # Explicit features: a split too small for one block (drop_remainder) still writes a valid, empty file.
     with ArrowWriter(path=str(tmp), features=BLOCK_FEATURES) as writer, \
             tqdm(total=len(indices), desc=desc, unit="doc") as bar:
-        for table in selected.iter(batch_size=4096):
+        for table in selected.iter(batch_size=batch_docs):
             column = table.column("input_ids").combine_chunks()
             # flatten() honours slicing (`.values` would return the whole underlying buffer)
             flat = column.flatten().to_numpy(zero_copy_only=False)
