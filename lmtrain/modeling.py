@@ -88,7 +88,8 @@ def build_model(args: ModelArguments, tokenizer, dtype: torch.dtype | None = Non
 
 
 def _check_vocabulary(model, tokenizer, args: ModelArguments):
-    rows = model.get_input_embeddings().weight.shape[0]
+    # num_embeddings, not weight.shape: under ZeRO-3 the weight is partitioned and its local shape is 0
+    rows = model.get_input_embeddings().num_embeddings
     if len(tokenizer) <= rows:
         return
     if not args.resize_token_embeddings:
@@ -97,7 +98,7 @@ def _check_vocabulary(model, tokenizer, args: ModelArguments):
             f">= {rows} would crash on the GPU with an index assert. Use the tokenizer the model was trained "
             f"with, or pass --resize_token_embeddings to grow the embeddings (new rows are trained from scratch)")
     model.resize_token_embeddings(len(tokenizer), pad_to_multiple_of=VOCAB_MULTIPLE)
-    logger.info("resized embeddings from %d to %d rows", rows, model.get_input_embeddings().weight.shape[0])
+    logger.info("resized embeddings from %d to %d rows", rows, model.get_input_embeddings().num_embeddings)
 
 
 def generation_config_for(tokenizer, base: GenerationConfig | None = None) -> GenerationConfig:

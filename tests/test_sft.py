@@ -245,3 +245,30 @@ def test_pad_token_equal_to_end_token_never_masks_it(tokenizer):
                                    for r in FORMATS.values())
         padding = batch["input_ids"] == end
         assert padding.sum() > trained_ends  # padding used the same id, and was masked all the same
+
+
+def test_full_sft_from_weights_under_zero3(tiny_model_dir, tmp_path):
+    """ZeRO-3 partitions the weights as they load: checks and saving must not read their (empty) local shapes."""
+    import os
+    import socket
+    import subprocess
+    import sys
+
+    from transformers import AutoModelForCausalLM
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    repo = Path(__file__).resolve().parents[1]
+    data = write_chat_file(tmp_path / "chat.jsonl", 32)
+    out = tmp_path / "zero3"
+    env = {**os.environ, "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port), "RANK": "0", "LOCAL_RANK": "0",
+           "WORLD_SIZE": "1"}
+    result = subprocess.run([sys.executable, str(repo / "sft.py"), "--deepspeed", str(repo / "ds_configs/zero3.json"),
+                             *sft_args(tiny_model_dir, data, out, "--max_steps", "4", "--learning_rate", "1e-2",
+                                       "--per_device_train_batch_size", "4")],
+                            env=env, capture_output=True, text=True, timeout=900)
+    assert result.returncode == 0, result.stderr[-3000:]
+    tuned = AutoModelForCausalLM.from_pretrained(out)
+    original = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
+    assert any(not torch.equal(p, dict(original.named_parameters())[n]) for n, p in tuned.named_parameters())
