@@ -30,7 +30,7 @@ from lmtrain.arguments import DataArguments, ModelArguments, TrainArguments, par
 from lmtrain.data.loading import load_pretrain_data  # noqa: E402
 from lmtrain.modeling import build_model  # noqa: E402
 from lmtrain.tokenizer import load_tokenizer  # noqa: E402
-from lmtrain.training import build_trainer, resolve_resume, save_final_model  # noqa: E402
+from lmtrain.training import build_trainer, final_metrics, resolve_resume, save_final_model  # noqa: E402
 
 logger = logging.getLogger("pretrain")
 
@@ -54,13 +54,9 @@ def main(argv=None):
     trainer = build_trainer(model, tokenizer, training_args, data.train, data.validation,
                             eval_bytes_per_token=data.validation_bytes_per_token, tokens_per_sample=data.block_size)
     result = trainer.train(resume_from_checkpoint=resume_from)
+    metrics = final_metrics(trainer, result, data.validation is not None and training_args.eval_strategy != "no")
     trainer.save_state()
     save_final_model(trainer, training_args.output_dir)
-    metrics = dict(result.metrics)
-    if data.validation is not None and training_args.eval_strategy != "no":
-        metrics.update(trainer.evaluate())
-    trainer.log_metrics("final", metrics)
-    trainer.save_metrics("all", metrics)  # output_dir/all_results.json
     return trainer, metrics
 
 

@@ -33,8 +33,8 @@ from lmtrain.data.sft import prepare_sft_data  # noqa: E402
 from lmtrain.lora import apply_lora, save_lora_model  # noqa: E402
 from lmtrain.modeling import build_model  # noqa: E402
 from lmtrain.tokenizer import load_tokenizer  # noqa: E402
-from lmtrain.training import (PadToLongestCollator, build_trainer, collate_packed_blocks, resolve_resume,  # noqa: E402
-                              save_final_model)
+from lmtrain.training import (PadToLongestCollator, build_trainer, collate_packed_blocks, final_metrics,  # noqa: E402
+                              resolve_resume, save_final_model)
 
 logger = logging.getLogger("sft")
 
@@ -70,16 +70,12 @@ def main(argv=None):
     trainer = build_trainer(model, tokenizer, training_args, train, validation, data_collator=collator,
                             tokens_per_sample=data_args.max_length if data_args.packing else None)
     result = trainer.train(resume_from_checkpoint=resume_from)
+    metrics = final_metrics(trainer, result, validation is not None and training_args.eval_strategy != "no")
     trainer.save_state()
     if lora_args.use_lora:
         save_lora_model(trainer, training_args.output_dir, merge=lora_args.merge_lora)
     else:
         save_final_model(trainer, training_args.output_dir)
-    metrics = dict(result.metrics)
-    if validation is not None and training_args.eval_strategy != "no":
-        metrics.update(trainer.evaluate())
-    trainer.log_metrics("final", metrics)
-    trainer.save_metrics("all", metrics)  # output_dir/all_results.json
     return trainer, metrics
 
 

@@ -133,13 +133,10 @@ def log_samples(trainer: Trainer, prompts: list[str], max_new_tokens: int):
     for callback in trainer.callback_handler.callbacks:
         if isinstance(callback, TensorBoardCallback) and getattr(callback, "tb_writer", None) is not None:
             callback.tb_writer.add_text("samples", table, step)
-    try:
-        import swanlab
+    import swanlab
 
-        if swanlab.has_run():
-            swanlab.log({"samples": swanlab.Text(table)}, step=step)
-    except ImportError:
-        pass
+    if swanlab.has_run():
+        swanlab.log({"samples": swanlab.Text(table)}, step=step)
 
 
 def configure_reporting(args):
@@ -184,6 +181,17 @@ def build_trainer(model, tokenizer, args, train_dataset, eval_dataset=None, data
                      data_collator=data_collator, processing_class=tokenizer, callbacks=callbacks,
                      eval_bytes_per_token=eval_bytes_per_token,
                      throughput=ThroughputCallback(model, tokens_per_sample, args.peak_tflops))
+
+
+def final_metrics(trainer: Trainer, result, evaluate: bool) -> dict:
+    """Training metrics plus a last evaluation (before any LoRA merge changes the model), logged and written
+    to OUTPUT_DIR/all_results.json."""
+    metrics = dict(result.metrics)
+    if evaluate:
+        metrics.update(trainer.evaluate())
+    trainer.log_metrics("final", metrics)
+    trainer.save_metrics("all", metrics)
+    return metrics
 
 
 def save_final_model(trainer: Trainer, output_dir: str):

