@@ -188,7 +188,13 @@ def final_metrics(trainer: Trainer, result, evaluate: bool) -> dict:
     to OUTPUT_DIR/all_results.json."""
     metrics = dict(result.metrics)
     if evaluate:
-        metrics.update(trainer.evaluate())
+        step = trainer.state.global_step
+        logged = {k: v for row in trainer.state.log_history if row.get("step") == step
+                  for k, v in row.items() if k.startswith("eval_")}
+        if "eval_loss" in logged and not trainer.args.load_best_model_at_end:
+            metrics.update(logged)  # this very model was just evaluated: reuse, rather than evaluate twice
+        else:
+            metrics.update(trainer.evaluate())
     trainer.log_metrics("final", metrics)
     trainer.save_metrics("all", metrics)
     return metrics
