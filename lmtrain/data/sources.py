@@ -60,12 +60,15 @@ class ReadStats:
     records_read: int = 0
     dropped: Counter = field(default_factory=Counter)
     empty_files: list = field(default_factory=list)
+    # Separate from `dropped`, which the reader drains as it turns drops into rows.
+    warned: Counter = field(default_factory=Counter)
 
     def drop(self, reason: str, where: str, strict: bool, message: str):
         if strict:
-            raise DataError(f"{where}: {message} (use --lenient to drop and count such records instead)")
+            raise DataError(f"{where}: {message} (without --lenient false such records are dropped and counted)")
         self.dropped[reason] += 1
-        if self.dropped[reason] <= 3:  # a few examples help; thousands of lines would drown the log
+        self.warned[reason] += 1
+        if self.warned[reason] <= 3:  # a few examples help; thousands of lines would drown the log
             logger.warning("dropping record at %s: %s", where, message)
 
 
