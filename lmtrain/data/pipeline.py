@@ -125,13 +125,18 @@ def _records_dataset(**kwargs) -> datasets.Dataset:
         raise
 
 
-def read_source(spec: SourceSpec, args: DataArguments, cache_dir: str | None) -> datasets.Dataset:
+def _source_files(spec: SourceSpec) -> list[str]:
+    """Local files of a source, or one `hub://NAME` entry for a hub dataset."""
     files = resolve_source_files(spec)
-    files = files if files is not None else [f"hub://{spec.location}"]
+    return files if files is not None else [f"hub://{spec.location}"]
+
+
+def read_files(files: list[str], source: str, args: DataArguments, cache_dir: str | None) -> datasets.Dataset:
+    """Records of `files`, tagged with `source`, as a cached Arrow dataset (one worker per file at most)."""
     num_proc = min(args.preprocessing_num_workers or 1, len(files))
     return _records_dataset(
         cache_dir=cache_dir, num_proc=num_proc if num_proc > 1 else None,
-        gen_kwargs={"files": files, "source": spec.name, "text_field": args.text_field, "txt_unit": args.txt_unit,
+        gen_kwargs={"files": files, "source": source, "text_field": args.text_field, "txt_unit": args.txt_unit,
                     "strict": not args.lenient, "stamps": [_stamp(f) for f in files]},
     )
 
@@ -327,9 +332,10 @@ def prepare_pretrain_data(args: DataArguments, tokenizer, cache_dir: str | None 
     if len({s.name for s in specs}) != len(specs):
         raise DataError("two sources have the same name; name them: NAME=PATH@WEIGHT")
     started, t0 = time.time(), clock()
-    parts = [read_source(spec, args, datasets_cache) for spec in specs]
+    parts = [read_files(_source_files(spec), spec.name, args, datasets_cache) for spec in specs]
     if args.validation_files:
-        parts.append(_read_validation(args, datasets_cache))
+        validation_files = [f for spec in args.validation_files for f in _source_files(SourceSpec.parse(spec))]
+        parts.append(read_files(validation_files, "__validation__", args, datasets_cache))
     raw = datasets.concatenate_datasets(parts) if len(parts) > 1 else parts[0]
     report.cache["read"] = "computed" if any(_reused(p, started) == "computed" for p in parts) else "reused"
     report.seconds["read"] = round(clock() - t0, 2)
@@ -408,14 +414,6 @@ def prepare_pretrain_data(args: DataArguments, tokenizer, cache_dir: str | None 
         raise DataError(f"the training split holds no block of {args.block_size} tokens "
                         f"({report.tokens.get('train', 0)} tokens); lower --block_size or add data")
     return datasets.DatasetDict(splits), report
-
-
-def _read_validation(args: DataArguments, cache_dir: str) -> datasets.Dataset:
-    files = [f for spec in args.validation_files for f in (resolve_source_files(SourceSpec.parse(spec)) or [])]
-    return _records_dataset(
-        cache_dir=cache_dir,
-        gen_kwargs={"files": files, "source": "__validation__", "text_field": args.text_field,
-                    "txt_unit": args.txt_unit, "strict": not args.lenient, "stamps": [_stamp(f) for f in files]})
 
 
 def save_prepared(dataset: datasets.DatasetDict, report: PreparationReport, output_dir: str, tokenizer):
