@@ -4,6 +4,7 @@ lm-evaluation-harness (`--model hf`).
 
     python export.py --model outputs/qwen-0.5b --output_dir exports/qwen-0.5b-bf16 --dtype bfloat16
     python export.py --model outputs/demo/pretrain --adapter outputs/sft-lora/adapter --output_dir exports/merged
+    python export.py --model outputs/sft --output_dir exports/sft --gguf exports/sft.gguf --llama_cpp_dir ~/llama.cpp
 """
 from __future__ import annotations
 
@@ -25,6 +26,10 @@ class ExportArguments:
     dtype: str = field(default="bfloat16", metadata={"help": "bfloat16, float16 or float32."})
     adapter: str | None = field(default=None, metadata={"help": "A LoRA adapter directory to merge in."})
     max_shard_size: str = field(default="5GB", metadata={"help": "Safetensors shard size."})
+    gguf: str | None = field(default=None, metadata={"help": "Also write this GGUF file for llama.cpp."})
+    llama_cpp_dir: str | None = field(default=None, metadata={
+        "help": "A llama.cpp checkout (or llama-cpp-python sdist's vendor/llama.cpp); its converter writes --gguf."})
+    gguf_type: str = field(default="bf16", metadata={"help": "GGUF tensor type: f32, f16, bf16, q8_0 or auto."})
 
 
 def main(argv=None):
@@ -36,6 +41,8 @@ def main(argv=None):
     (args,) = parse_arguments([ExportArguments], argv)
     if args.dtype not in ("bfloat16", "float16", "float32"):
         raise SystemExit(f"--dtype must be bfloat16, float16 or float32, not {args.dtype}")
+    if args.gguf and not args.llama_cpp_dir:
+        raise SystemExit("--gguf needs --llama_cpp_dir (a llama.cpp checkout whose convert_hf_to_gguf.py to run)")
     tokenizer = load_tokenizer(args.adapter if args.adapter and Path(args.adapter, "tokenizer_config.json").exists()
                                else args.model)
     model = AutoModelForCausalLM.from_pretrained(args.model, dtype=torch.float32)
@@ -50,6 +57,10 @@ def main(argv=None):
     tokenizer.save_pretrained(args.output_dir)
     print(f"exported {sum(p.numel() for p in model.parameters()) / 1e6:.2f}M parameters as {args.dtype} "
           f"to {args.output_dir}")
+    if args.gguf:
+        from lmtrain.gguf import convert_to_gguf
+
+        print(f"wrote {convert_to_gguf(args.output_dir, args.gguf, args.llama_cpp_dir, args.gguf_type)}")
     return args.output_dir
 
 

@@ -10,7 +10,7 @@ import torch
 from transformers import AutoConfig, AutoModelForCausalLM, GenerationConfig
 
 from lmtrain.arguments import ModelArguments
-from lmtrain.tokenizer import end_of_turn_token_id
+from lmtrain.tokenizer import check_reload_consistency, end_of_turn_token_id
 
 logger = logging.getLogger(__name__)
 CONFIGS_DIR = Path(__file__).resolve().parents[1] / "configs"
@@ -81,6 +81,7 @@ def build_model(args: ModelArguments, tokenizer, dtype: torch.dtype | None = Non
     # A KV cache is useless in training and would also stop transformers from reading packed-sequence
     # boundaries from position_ids; it is switched back on in the saved config.
     model.config.use_cache = False
+    check_reload_consistency(tokenizer, model.config)
     model.generation_config = generation_config_for(tokenizer, model.generation_config)
     logger.info("model: %s, %.2fM parameters, attention %s", model.config.model_type,
                 count_parameters(model) / 1e6, model.config._attn_implementation)

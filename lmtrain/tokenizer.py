@@ -9,7 +9,7 @@ from __future__ import annotations
 import logging
 from typing import Iterable, Iterator
 
-from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+from tokenizers import Regex, Tokenizer, decoders, models, normalizers, pre_tokenizers, trainers
 
 logger = logging.getLogger(__name__)
 
@@ -18,6 +18,14 @@ IM_START = "<|im_start|>"
 IM_END = "<|im_end|>"
 PAD = "<|pad|>"
 SPECIAL_TOKENS = [END_OF_TEXT, IM_START, IM_END, PAD]
+
+# Qwen2's split rule: words with their leading space or punctuation, each digit alone, runs of whitespace.
+# It is not only a good rule: transformers loads every `model_type: qwen2` directory as Qwen2Tokenizer, which
+# replaces the normalizer and pre-tokenizer in tokenizer.json with exactly NFC + this regex. A tokenizer
+# trained with another rule would then tokenize SFT data, evaluation text and prompts (here and in vLLM,
+# lm-eval, pipeline()) differently from the pretraining data. The same rule is llama.cpp's "qwen2".
+QWEN2_SPLIT_REGEX = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*"
+                     r"|\s*[\r\n]+|\s+(?!\S)|\s+")
 
 # ChatML. `{% generation %}` marks what the assistant writes (its content and its <|im_end|>), so
 # `apply_chat_template(..., return_assistant_tokens_mask=True)` tells which tokens carry the SFT loss.
@@ -38,16 +46,20 @@ def train_bpe_tokenizer(texts: Iterable[str], vocab_size: int = 8192, min_freque
                         show_progress: bool = True):
     """Train a byte-level BPE on `texts`; returns a `PreTrainedTokenizerFast` ready for `save_pretrained`.
 
-    Byte-level means every string round-trips exactly: `decode(encode(x)) == x` for any Unicode input.
+    Byte-level means no text is unknown: `decode(encode(x)) == x` for any NFC-normalized input (the
+    cleaning step writes NFC; other input comes back in its NFC form). The normalizer and split rule are
+    the ones transformers' Qwen2Tokenizer imposes on load (see QWEN2_SPLIT_REGEX).
     """
     from transformers import PreTrainedTokenizerFast
 
     if vocab_size < 256 + len(SPECIAL_TOKENS) + 1:
         raise ValueError(f"vocab_size {vocab_size} is too small: a byte-level BPE needs at least 261 entries")
     tokenizer = Tokenizer(models.BPE())
-    # No normalizer: normalization would break the exact round trip. The GPT-2 split regex keeps words,
-    # numbers and punctuation apart before merging.
-    tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
+    tokenizer.normalizer = normalizers.NFC()
+    tokenizer.pre_tokenizer = pre_tokenizers.Sequence([
+        pre_tokenizers.Split(Regex(QWEN2_SPLIT_REGEX), behavior="isolated", invert=False),
+        pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False),
+    ])
     tokenizer.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(
         vocab_size=vocab_size,
@@ -102,6 +114,36 @@ def load_tokenizer(name_or_path: str, **kwargs):
         logger.info("tokenizer '%s' has no pad token: padding with %s (labels are masked by position, "
                     "so the end-of-text token still carries loss)", name_or_path, tokenizer.pad_token)
     return tokenizer
+
+
+# Digits, contractions, runs of spaces and newlines, CJK, emoji and a decomposed accent: the places where
+# split rules and normalizers disagree.
+RELOAD_PROBE = "I've 12345 apples,  he'LL say:\n\n\tx = f(3.14)  # ok\r\n我想在apple工作1314天 🚀 cafe\u0301 !!!"
+
+
+def check_reload_consistency(tokenizer, model_config) -> None:
+    """Fail before training if a saved model directory would come back with a tokenizer that splits text
+    differently. transformers picks the tokenizer class from the model config's model_type, and some classes
+    (Qwen2Tokenizer for `qwen2`) rebuild the normalizer and pre-tokenizer instead of reading tokenizer.json;
+    a tokenizer trained with other rules would then see its training data tokenized one way and every later
+    prompt, SFT sample and evaluation text another way."""
+    import tempfile
+
+    from transformers import AutoTokenizer
+
+    with tempfile.TemporaryDirectory() as directory:
+        tokenizer.save_pretrained(directory)
+        model_config.save_pretrained(directory)
+        reloaded = AutoTokenizer.from_pretrained(directory)
+    before = tokenizer(RELOAD_PROBE, add_special_tokens=False)["input_ids"]
+    after = reloaded(RELOAD_PROBE, add_special_tokens=False)["input_ids"]
+    if before != after:
+        raise ValueError(
+            f"saved next to a '{model_config.model_type}' model config, this tokenizer ({type(tokenizer).__name__}) "
+            f"reloads as {type(reloaded).__name__} and tokenizes differently ({len(before)} vs {len(after)} tokens "
+            f"on a probe text): the model would be trained on one tokenization and used with another. Retrain the "
+            f"tokenizer with data_prep/train_tokenizer.py (its rules survive a reload for qwen2 and llama), or use "
+            f"a model config whose tokenizer class reads tokenizer.json as it is (e.g. configs/llama-1b.json)")
 
 
 def end_of_turn_token_id(tokenizer) -> int | None:

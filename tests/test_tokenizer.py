@@ -5,6 +5,7 @@ from __future__ import annotations
 import importlib.util
 import json
 import sys
+import unicodedata
 from pathlib import Path
 
 import pytest
@@ -36,8 +37,12 @@ CONVERSATION = [
 
 @pytest.mark.parametrize("text", ROUND_TRIP_TEXTS)
 def test_round_trip_is_exact(tiny_tokenizer, text):
+    """Exact for NFC text (what the cleaning step writes); other text comes back in its NFC form, because
+    the tokenizer normalizes to NFC as transformers' Qwen2Tokenizer does on every reload."""
     ids = tiny_tokenizer(text, add_special_tokens=False)["input_ids"]
-    assert tiny_tokenizer.decode(ids) == text
+    assert tiny_tokenizer.decode(ids) == unicodedata.normalize("NFC", text)
+    nfc = unicodedata.normalize("NFC", text)
+    assert tiny_tokenizer.decode(tiny_tokenizer(nfc, add_special_tokens=False)["input_ids"]) == nfc
     assert tiny_tokenizer.unk_token_id is None or tiny_tokenizer.unk_token_id not in ids
 
 
@@ -121,5 +126,35 @@ def test_train_tokenizer_script(write_jsonl, tmp_path):
     assert tokenizer.pad_token_id != tokenizer.eos_token_id
     assert len(tokenizer("the quick brown fox")["input_ids"]) < len("the quick brown fox")  # merges learned
     for text in ROUND_TRIP_TEXTS:
-        assert tokenizer.decode(tokenizer(text)["input_ids"]) == text
+        assert tokenizer.decode(tokenizer(text)["input_ids"]) == unicodedata.normalize("NFC", text)
     assert tokenizer.apply_chat_template(CONVERSATION[:2], tokenize=False).startswith("<|im_start|>system\n")
+
+
+@pytest.mark.parametrize("config_name", ["qwen2-tiny", "llama-1b"])
+def test_tokenizer_survives_reload_next_to_a_model_config(tiny_tokenizer, config_name):
+    """transformers loads a qwen2 directory as Qwen2Tokenizer, which rebuilds the normalizer and split rule;
+    the tokenizer trained here must come back splitting text exactly as it did for the training data."""
+    from lmtrain.modeling import resolve_config
+    from lmtrain.tokenizer import check_reload_consistency
+
+    check_reload_consistency(tiny_tokenizer, resolve_config(config_name))
+
+
+def test_tokenizer_with_another_split_rule_is_refused_for_qwen2(demo_texts):
+    """A GPT-2-rule tokenizer (ByteLevel's built-in regex) would be silently re-split on reload."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    from lmtrain.modeling import resolve_config
+    from lmtrain.tokenizer import check_reload_consistency
+
+    raw = Tokenizer(models.BPE())
+    raw.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
+    raw.decoder = decoders.ByteLevel()
+    raw.train_from_iterator(demo_texts[:200], trainers.BpeTrainer(
+        vocab_size=1000, special_tokens=[END_OF_TEXT], initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False))
+    gpt2_rule = PreTrainedTokenizerFast(tokenizer_object=raw, eos_token=END_OF_TEXT)
+    with pytest.raises(ValueError, match="reloads as Qwen2Tokenizer and tokenizes differently"):
+        check_reload_consistency(gpt2_rule, resolve_config("qwen2-tiny"))
+    check_reload_consistency(gpt2_rule, resolve_config("llama-1b"))  # llama keeps tokenizer.json as it is
