@@ -13,6 +13,7 @@ from pathlib import Path
 import datasets
 import numpy as np
 import pytest
+from transformers import AutoTokenizer
 
 from lmtrain.data.cleaning import CleaningConfig, clean_text
 from lmtrain.data.demo_corpus import build_demo_corpus, cache_root, strip_gutenberg
@@ -354,7 +355,8 @@ def test_mixture_weights_give_the_token_shares(write_jsonl, prepare_data, packed
 # ------------------------------------------------------------------------------------------ scripts, demo
 
 def test_prepare_pretrain_script_writes_a_loadable_dataset(write_jsonl, tiny_tokenizer_dir, tmp_path):
-    path = write_jsonl({"text": t} for t in distinct_documents(100, seed=9))
+    texts = distinct_documents(100, seed=9)
+    path = write_jsonl({"text": t} for t in texts)
     out_dir = tmp_path / "prepared_out"
     load_script("prepare_pretrain").main([
         "--tokenizer_name", str(tiny_tokenizer_dir), "--sources", path, "--output_dir", str(out_dir),
@@ -368,6 +370,13 @@ def test_prepare_pretrain_script_writes_a_loadable_dataset(write_jsonl, tiny_tok
     assert report["documents_read"] == 100
     assert report["blocks"] == {"train": len(dataset["train"]), "validation": len(dataset["validation"])}
     assert (out_dir / "tokenizer" / "tokenizer.json").exists()
+    # validation.jsonl holds exactly the held-out documents, for evaluate.py / lm-eval
+    held_out = [json.loads(line) for line in (out_dir / "validation.jsonl").read_text().splitlines()]
+    assert len(held_out) == report["documents_kept"]["validation"] > 0
+    assert {r["text"] for r in held_out} <= set(texts) and all(r["source"] for r in held_out)
+    tokenizer = AutoTokenizer.from_pretrained(str(out_dir / "tokenizer"))
+    held_out_tokens = sum(len(tokenizer(r["text"])["input_ids"]) + 1 for r in held_out)  # + EOS
+    assert held_out_tokens == report["tokens"]["validation"]
 
 
 GUTENBERG_BOOK = """The Project Gutenberg EBook of A Test Play, by Nobody

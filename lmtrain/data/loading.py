@@ -36,7 +36,7 @@ def load_pretrain_data(args: DataArguments, tokenizer, training_args) -> Trainin
     else:
         with training_args.main_process_first(desc="preparing data"):
             prepared, report_obj = prepare_pretrain_data(args, tokenizer)
-        report = report_obj.__dict__
+        report = report_obj.to_dict()
         if training_args.process_index == 0:
             logger.info("data preparation:\n%s", report_obj.summary())
             os.makedirs(training_args.output_dir, exist_ok=True)

@@ -55,6 +55,10 @@ class PreparationReport:
     cache: dict = field(default_factory=dict)
     seconds: dict = field(default_factory=dict)
 
+    def to_dict(self) -> dict:
+        """The JSON-able figures (attributes starting with _ hold data, not figures)."""
+        return {k: v for k, v in self.__dict__.items() if not k.startswith("_")}
+
     def summary(self) -> str:
         lines = [f"documents read: {self.documents_read}"]
         lines += [f"  dropped ({reason}): {count}" for reason, count in sorted(self.dropped.items())]
@@ -389,6 +393,8 @@ def prepare_pretrain_data(args: DataArguments, tokenizer, cache_dir: str | None 
     total = args.mixture_tokens or int(num_tokens[train_rows].sum())
     train_indices, report.sources = mixture_selection(sources, num_tokens, train_rows, weights, total, rng)
     report.documents_kept = {"train": int(len(train_rows)), "validation": int(len(validation_rows))}
+    # The held-out documents as text, for scoring with evaluate.py or lm-eval (not part of report.json).
+    report._validation_documents = text_source.select(kept).select(validation_rows)
 
     t0 = clock()
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
@@ -417,10 +423,15 @@ def prepare_pretrain_data(args: DataArguments, tokenizer, cache_dir: str | None 
 
 
 def save_prepared(dataset: datasets.DatasetDict, report: PreparationReport, output_dir: str, tokenizer):
-    """The prepared directory: the DatasetDict, report.json, and the tokenizer it was made with."""
+    """The prepared directory: the DatasetDict, report.json, the tokenizer it was made with, and
+    validation.jsonl (the held-out documents' text, when the split was made here)."""
     dataset.save_to_disk(output_dir)
     with open(os.path.join(output_dir, "report.json"), "w", encoding="utf-8") as handle:
-        json.dump(report.__dict__, handle, indent=2)
+        json.dump(report.to_dict(), handle, indent=2)
+    held_out = getattr(report, "_validation_documents", None)
+    if held_out is not None and len(held_out):
+        held_out.select_columns(["text", "source"]).to_json(os.path.join(output_dir, "validation.jsonl"),
+                                                            force_ascii=False)
     tokenizer.save_pretrained(os.path.join(output_dir, "tokenizer"))
 
 
