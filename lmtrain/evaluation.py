@@ -24,18 +24,20 @@ def document_nll(model, tokenizer, text: str, max_length: int) -> tuple[float, i
     """Summed negative log-likelihood (nats) of a document's tokens, and their count.
 
     The document is preceded by the EOS token, as in a packed training stream, so its first token is
-    predicted too. Documents longer than the window are scored in consecutive windows.
+    predicted too. A document longer than the window is scored in rolling windows as lm-evaluation-harness
+    does (`loglikelihood_rolling`): each window predicts the next `max_length` tokens from a fresh context,
+    and the last, shorter one keeps a full window of context; so the two tools give the same figures.
     """
-    ids = tokenizer(text, add_special_tokens=True).input_ids
-    stream = [tokenizer.eos_token_id] + ids
-    total, count = 0.0, 0
-    for start in range(0, len(stream) - 1, max_length):
-        window = torch.tensor([stream[start:start + max_length + 1]], device=model.device)
-        logits = model(input_ids=window[:, :-1]).logits.float()
-        nll = torch.nn.functional.cross_entropy(logits[0], window[0, 1:], reduction="sum")
-        total += nll.item()
-        count += window.shape[1] - 1
-    return total, count
+    stream = [tokenizer.eos_token_id] + tokenizer(text, add_special_tokens=True).input_ids
+    total, predicted = 0.0, 0
+    while predicted < len(stream) - 1:
+        end = min(predicted + max_length, len(stream) - 1)  # predicts stream[predicted + 1 : end + 1]
+        start = max(0, end - max_length)
+        window = torch.tensor([stream[start:end + 1]], device=model.device)
+        logits = model(input_ids=window[:, :-1]).logits[0, predicted - start:].float()
+        total += torch.nn.functional.cross_entropy(logits, window[0, predicted - start + 1:], reduction="sum").item()
+        predicted = end
+    return total, predicted
 
 
 def evaluate_text(model, tokenizer, sources: list[str], text_field: str = "text", max_length: int = 1024,

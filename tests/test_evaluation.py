@@ -110,11 +110,17 @@ def full_context_nll(model, tokenizer, text: str) -> tuple[float, int]:
 
 
 def windowed_nll(model, tokenizer, text: str, window: int) -> float:
-    """Token by token: the token at stream position p sees the stream from the start of its window
-    (windows of `window` inputs, starting at 0, window, 2*window, ...) up to p - 1. One context per token,
-    right-padded into one batch: causal attention keeps the padding after a context from changing it."""
+    """Token by token, with lm-evaluation-harness's rolling windows: the token at stream position p belongs
+    to the window predicting positions k*window+1 .. end (k = (p-1) // window, end capped at the stream's
+    end) and sees the stream from end - window (at least 0) up to p - 1. One context per token, right-padded
+    into one batch: causal attention keeps the padding after a context from changing it."""
     stream = [tokenizer.eos_token_id] + tokenizer(text).input_ids
-    contexts = [stream[(p - 1) // window * window:p] for p in range(1, len(stream))]
+    last = len(stream) - 1
+
+    def start(p: int) -> int:
+        return max(0, min(((p - 1) // window + 1) * window, last) - window)
+
+    contexts = [stream[start(p):p] for p in range(1, len(stream))]
     batch = torch.tensor([c + [tokenizer.pad_token_id] * (window - len(c)) for c in contexts])
     with torch.no_grad():
         logits = model(input_ids=batch).logits
@@ -162,7 +168,7 @@ def test_documents_longer_than_the_window_are_scored_in_windows(tokenizer, rando
     row = results["all"]
     assert row["tokens"] == tokens  # every token predicted exactly once, the first from the EOS before it
     assert row["loss"] * tokens == pytest.approx(windowed_nll(model, tokenizer, text, window), rel=1e-5)
-    if window < tokens:  # context really restarts at every window
+    if window < tokens - 1:  # context really restarts (with tokens-1 the last window lacks only the EOS)
         assert row["loss"] * tokens != pytest.approx(full_context_nll(model, tokenizer, text)[0], rel=1e-4)
 
 

@@ -122,7 +122,7 @@ def test_lm_eval_harness_agrees_with_evaluate(tiny_model_dir, tiny_tokenizer, de
 
     from lmtrain.evaluation import evaluate_text, exact_match
 
-    heldout = write_jsonl([{"text": t[:1500]} for t in demo_texts[-6:]], "heldout.jsonl")
+    heldout = write_jsonl([{"text": t[:1500]} for t in demo_texts[-6:]], "heldout.jsonl")  # ~450 tokens each
     questions = write_jsonl([
         {"task": "add", "messages": [{"role": "user", "content": f"What is {a} + {b}?"}], "answer": str(a + b)}
         for a, b in ((3, 4), (12, 30), (7, 7))] + [
@@ -133,12 +133,12 @@ def test_lm_eval_harness_agrees_with_evaluate(tiny_model_dir, tiny_tokenizer, de
     tasks = _task_copy("lmtrain_heldout", Path(heldout), tmp_path / "tasks")
     _task_copy("lmtrain_sft_demo", Path(questions), tasks)
     results = lm_eval.simple_evaluate(
-        model="hf", model_args=f"pretrained={tiny_model_dir},dtype=float32,max_length=1024",
+        model="hf", model_args=f"pretrained={tiny_model_dir},dtype=float32,max_length=128",
         tasks=["lmtrain_heldout", "lmtrain_sft_demo"], task_manager=TaskManager(include_path=str(tasks)),
         device="cpu", batch_size=1, log_samples=True)
 
     model = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32)
-    ours = evaluate_text(model, tiny_tokenizer, [str(heldout)], max_length=1024)
+    ours = evaluate_text(model, tiny_tokenizer, [str(heldout)], max_length=128)  # documents span several windows
     theirs = results["results"]["lmtrain_heldout"]
     assert theirs["bits_per_byte,none"] == pytest.approx(ours["all"]["bits_per_byte"], rel=1e-4)
 

@@ -1,0 +1,142 @@
+"""Serve a model trained here with vLLM and check it against transformers on the same GPU.
+
+    python scripts/check_vllm.py outputs/demo/sft --sft_eval_file outputs/demo/sft_data/eval.jsonl
+
+What it checks, in vLLM's offline engine (the one `vllm serve` runs):
+1. the directory loads as is (config, safetensors, tokenizer, chat template, generation_config);
+2. greedy continuations of plain prompts follow transformers' greedy tokens (bf16 on both sides). Where
+   they part, transformers' own top-2 logit gap at that step must be within bf16 noise (--tie_margin): two
+   correct bf16 kernels may break a near-tie differently, and nothing else may differ. vLLM's log-probability
+   of every token it chose must match transformers' (teacher-forced) within --logprob_tolerance;
+3. chat: `LLM.chat` renders the chat template and stops at the end-of-turn token (finish_reason "stop"
+   when the model ends its answer), and with --sft_eval_file the exact-match accuracy on the SFT demo's
+   held-out prompts is computed from vLLM's answers and from transformers' answers.
+Prints one JSON line per check and a summary; exits 1 if a check fails.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+from pathlib import Path
+
+os.environ.setdefault("VLLM_NO_USAGE_STATS", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+PROMPTS = ["ROMEO.", "KING HENRY. Now, lords,", "To be, or not to be", "The quick brown fox", "我想在"]
+
+
+def emit(record: dict) -> None:
+    print(json.dumps(record, ensure_ascii=False), flush=True)
+
+
+def hf_greedy_with_margins(model, prompt_ids: list[int], steps: int) -> tuple[list[int], list[float]]:
+    """Greedy tokens and, at each step, the gap between the best and second-best logit."""
+    import torch
+
+    ids, tokens, margins = list(prompt_ids), [], []
+    with torch.inference_mode():
+        for _ in range(steps):
+            logits = model(torch.tensor([ids], device=model.device)).logits[0, -1].float()
+            top = torch.topk(logits, 2)
+            tokens.append(int(top.indices[0]))
+            margins.append(float(top.values[0] - top.values[1]))
+            ids.append(tokens[-1])
+    return tokens, margins
+
+
+def hf_logprobs_of(model, prompt_ids: list[int], tokens: list[int]) -> list[float]:
+    """transformers' log-probabilities of `tokens` following the prompt (teacher-forced)."""
+    import torch
+
+    with torch.inference_mode():
+        logits = model(torch.tensor([prompt_ids + tokens], device=model.device)).logits[0].float()
+    logprobs = torch.log_softmax(logits[len(prompt_ids) - 1:-1], dim=-1)
+    return logprobs.gather(1, torch.tensor(tokens, device=model.device)[:, None])[:, 0].tolist()
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("model")
+    parser.add_argument("--sft_eval_file", default=None)
+    parser.add_argument("--max_new_tokens", type=int, default=32)
+    parser.add_argument("--tie_margin", type=float, default=0.125,
+                        help="top-2 logit gap (bf16 noise) under which vLLM may pick the other token")
+    parser.add_argument("--logprob_tolerance", type=float, default=0.25,
+                        help="largest allowed difference between vLLM's and transformers' token log-probabilities")
+    args = parser.parse_args(argv)
+
+    import torch
+    import vllm
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from vllm import LLM, SamplingParams
+
+    from lmtrain.generation import stop_token_ids
+
+    emit({"versions": {"vllm": vllm.__version__, "torch": torch.__version__,
+                       "gpu": torch.cuda.get_device_name(0)}})
+    tokenizer = AutoTokenizer.from_pretrained(args.model)
+    started = time.time()
+    llm = LLM(model=args.model, dtype="bfloat16", gpu_memory_utilization=0.3, max_model_len=1024, seed=0)
+    emit({"check": "load", "ok": True, "seconds": round(time.time() - started, 1)})
+    hf = AutoModelForCausalLM.from_pretrained(args.model, dtype=torch.bfloat16).cuda().eval()
+    failures = []
+
+    # 2. plain greedy continuations (EOS ignored so every prompt runs the full length)
+    prompt_ids = [tokenizer(p, add_special_tokens=False).input_ids for p in PROMPTS]
+    greedy = SamplingParams(temperature=0.0, max_tokens=args.max_new_tokens, ignore_eos=True, logprobs=1)
+    outputs = llm.generate([{"prompt_token_ids": ids} for ids in prompt_ids], greedy)
+    agreeing = 0
+    for prompt, ids, output in zip(PROMPTS, prompt_ids, outputs):
+        theirs = list(output.outputs[0].token_ids)
+        ours, margins = hf_greedy_with_margins(hf, ids, args.max_new_tokens)
+        first = next((i for i, (a, b) in enumerate(zip(theirs, ours)) if a != b), None)
+        logprob_gap = max(abs(a - b) for a, b in zip(
+            [step[token].logprob for step, token in zip(output.outputs[0].logprobs, theirs)],
+            hf_logprobs_of(hf, ids, theirs)))
+        ok = (first is None or margins[first] <= args.tie_margin) and logprob_gap <= args.logprob_tolerance
+        agreeing += first is None
+        emit({"check": "greedy", "prompt": prompt, "ok": ok, "identical": first is None, "first_difference": first,
+              "top2_gap_there": None if first is None else round(margins[first], 4),
+              "max_logprob_difference": round(logprob_gap, 4),
+              "vllm": output.outputs[0].text, "transformers": tokenizer.decode(ours, skip_special_tokens=True)})
+        if not ok:
+            failures.append(f"greedy '{prompt}': first difference at token {first}, logprobs differ by up to "
+                            f"{logprob_gap:.3f}")
+
+    # 3. chat through the chat template, stopping at the end-of-turn token
+    if args.sft_eval_file:
+        records = [json.loads(line) for line in Path(args.sft_eval_file).read_text().splitlines() if line.strip()]
+        chat_params = SamplingParams(temperature=0.0, max_tokens=16)
+        answers = llm.chat([r["messages"] for r in records], chat_params, use_tqdm=False)
+        stops = stop_token_ids(hf, tokenizer)
+        vllm_correct = hf_correct = same = stopped = 0
+        for record, answer in zip(records, answers):
+            prompt = tokenizer.apply_chat_template(record["messages"], tokenize=False, add_generation_prompt=True)
+            encoded = tokenizer(prompt, return_tensors="pt", add_special_tokens=False).to("cuda")
+            with torch.inference_mode():
+                generated = hf.generate(**encoded, max_new_tokens=16, do_sample=False, eos_token_id=stops,
+                                        pad_token_id=tokenizer.pad_token_id)
+            hf_text = tokenizer.decode(generated[0, encoded.input_ids.shape[1]:], skip_special_tokens=True).strip()
+            vllm_text = answer.outputs[0].text.strip()
+            vllm_correct += vllm_text == record["answer"].strip()
+            hf_correct += hf_text == record["answer"].strip()
+            same += vllm_text == hf_text
+            stopped += answer.outputs[0].finish_reason == "stop"
+        n = len(records)
+        emit({"check": "chat", "prompts": n, "vllm_exact_match": round(vllm_correct / n, 4),
+              "transformers_exact_match": round(hf_correct / n, 4), "same_answer": round(same / n, 4),
+              "vllm_stop_rate": round(stopped / n, 4), "example": {"prompt": records[0]["messages"][-1]["content"],
+                                                                   "vllm": answers[0].outputs[0].text}})
+        if stopped == 0:
+            failures.append("no chat answer ended at the end-of-turn token")
+    emit({"summary": "ok" if not failures else "failed", "greedy_identical": f"{agreeing}/{len(PROMPTS)}",
+          "failures": failures})
+    return 1 if failures else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
