@@ -30,11 +30,11 @@ def build_tokenizer(vocab_size: int, work_dir: str) -> str:
     """Directory of a byte-level BPE with `vocab_size` entries trained on the demo corpus (built once per
     version of the training rules: a tokenizer cached under older rules would measure something else)."""
     import hashlib
-    import inspect
 
+    import lmtrain.tokenizer
     from lmtrain.tokenizer import train_bpe_tokenizer
 
-    rules = hashlib.sha256(inspect.getsource(train_bpe_tokenizer).encode()).hexdigest()[:8]
+    rules = hashlib.sha256(Path(lmtrain.tokenizer.__file__).read_bytes()).hexdigest()[:8]
     out_dir = Path(work_dir) / f"tokenizer-{vocab_size}-{rules}"
     if not (out_dir / "tokenizer.json").exists():
         tokenizer = train_bpe_tokenizer(demo_documents(), vocab_size, show_progress=False)

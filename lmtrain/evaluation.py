@@ -26,8 +26,11 @@ def document_nll(model, tokenizer, text: str, max_length: int) -> tuple[float, i
     The document is preceded by the EOS token, as in a packed training stream, so its first token is
     predicted too. A document longer than the window is scored in rolling windows as lm-evaluation-harness
     does (`loglikelihood_rolling`): each window predicts the next `max_length` tokens from a fresh context,
-    and the last, shorter one keeps a full window of context; so the two tools give the same figures.
+    and the last, shorter one keeps a full window of context; so the two tools give the same figures (for a
+    tokenizer without BOS: lm-eval puts a BOS, where there is one, before the document instead of the EOS).
     """
+    if max_length < 1:
+        raise ValueError(f"max_length must be at least 1 token, not {max_length}")
     stream = [tokenizer.eos_token_id] + tokenizer(text, add_special_tokens=True).input_ids
     total, predicted = 0.0, 0
     while predicted < len(stream) - 1:

@@ -25,50 +25,65 @@ from lmtrain.tokenizer import QWEN2_SPLIT_REGEX
 
 # llama.cpp's names for the splitting rules it implements (src/llama-vocab.cpp), keyed by the regex that
 # tokenizer.json carries for them. ByteLevel's built-in regex (use_regex=True) is GPT-2's.
+GPT2_REGEX = r"'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+"
 SPLIT_REGEX_NAMES = {
     QWEN2_SPLIT_REGEX: "qwen2",
     QWEN2_SPLIT_REGEX.replace(r"\p{N}|", r"\p{N}{1,3}|"): "llama-bpe",
-    r"'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)": "gpt-2",
+    GPT2_REGEX: "gpt-2",
+    GPT2_REGEX.removesuffix(r"|\s+"): "gpt-2",  # llama.cpp's own spelling of it (llama-vocab.cpp)
 }
-GENERATION_TAG = re.compile(r"\{%-?\s*(end)?generation\s*-?%\}")
+# `{% generation %}` ... `{% endgeneration %}`, keeping any whitespace-control dashes of the tags
+GENERATION_TAG = re.compile(r"\{%(-?)\s*(end)?generation\s*(-?)%\}")
 
 
 def pre_tokenizer_name(tokenizer_json: dict) -> str:
-    """llama.cpp's name for the pre-tokenizer in a tokenizer.json, or ValueError saying what was found."""
+    """llama.cpp's name for the pre-tokenizer in a tokenizer.json, or ValueError saying what was found.
+    Only exact matches: a normalizer other than NFC, a prefix space or another split behaviour would make
+    llama.cpp tokenize differently under the same name."""
     pre = tokenizer_json.get("pre_tokenizer") or {}
     steps = pre.get("pretokenizers", [pre]) if pre.get("type") == "Sequence" else [pre]
     kinds = [step.get("type") for step in steps]
-    if kinds == ["ByteLevel"] and steps[0].get("use_regex", True):
-        return "gpt-2"
-    if kinds == ["Split", "ByteLevel"] and not steps[1].get("use_regex", True):
-        pattern = steps[0].get("pattern", {}).get("Regex")
-        if pattern in SPLIT_REGEX_NAMES:
-            return SPLIT_REGEX_NAMES[pattern]
-    raise ValueError(f"pre-tokenizer {json.dumps(pre)[:300]} matches none of the rules llama.cpp implements "
-                     f"({', '.join(sorted(set(SPLIT_REGEX_NAMES.values())))}); register it in llama.cpp's "
-                     "convert_hf_to_gguf_update.py as its README describes")
+    normalizer = (tokenizer_json.get("normalizer") or {}).get("type")
+    name = None
+    if normalizer in (None, "NFC") and not steps[-1].get("add_prefix_space", False):
+        if kinds == ["ByteLevel"] and steps[0].get("use_regex", True):
+            name = "gpt-2"
+        elif (kinds == ["Split", "ByteLevel"] and not steps[1].get("use_regex", True)
+              and steps[0].get("behavior") == "Isolated" and not steps[0].get("invert", False)):
+            name = SPLIT_REGEX_NAMES.get(steps[0].get("pattern", {}).get("Regex"))
+    if name is None:
+        raise ValueError(f"pre-tokenizer {json.dumps(pre)[:300]} with normalizer {normalizer} matches none of the "
+                         f"rules llama.cpp implements ({', '.join(sorted(set(SPLIT_REGEX_NAMES.values())))}); "
+                         "register it in llama.cpp's convert_hf_to_gguf_update.py as its README describes")
+    return name
 
 
 def strip_generation_tags(template: str) -> str:
-    return GENERATION_TAG.sub("", template)
+    """The template without transformers' generation markers; `{% if true %}` keeps the markers' whitespace
+    control, so the template renders the same text in plain Jinja."""
+    return GENERATION_TAG.sub(lambda m: "{%" + m[1] + (" endif " if m[2] else " if true ") + m[3] + "%}", template)
 
 
 def _plain_template_copy(model_dir: Path, workdir: Path) -> Path:
-    """A view of model_dir (symlinks) whose chat template has no {% generation %} markers."""
+    """A view of model_dir (symlinks) whose chat templates have no {% generation %} markers."""
+    rewritten = ("chat_template.jinja", "chat_template.json", "tokenizer_config.json")
     view = workdir / model_dir.name
     view.mkdir()
     for item in model_dir.iterdir():
-        if item.name not in ("chat_template.jinja", "tokenizer_config.json"):
+        if item.name not in rewritten:
             (view / item.name).symlink_to(item.resolve())
     jinja = model_dir / "chat_template.jinja"
     if jinja.exists():
         (view / jinja.name).write_text(strip_generation_tags(jinja.read_text(encoding="utf-8")), encoding="utf-8")
-    config_path = model_dir / "tokenizer_config.json"
-    if config_path.exists():
-        config = json.loads(config_path.read_text(encoding="utf-8"))
-        if isinstance(config.get("chat_template"), str):
-            config["chat_template"] = strip_generation_tags(config["chat_template"])
-        (view / config_path.name).write_text(json.dumps(config, ensure_ascii=False, indent=2), encoding="utf-8")
+    for name in ("chat_template.json", "tokenizer_config.json"):
+        if (model_dir / name).exists():
+            config = json.loads((model_dir / name).read_text(encoding="utf-8"))
+            template = config.get("chat_template")
+            if isinstance(template, str):
+                config["chat_template"] = strip_generation_tags(template)
+            elif isinstance(template, list):  # named templates: [{"name": ..., "template": ...}]
+                config["chat_template"] = [{**t, "template": strip_generation_tags(t["template"])} for t in template]
+            (view / name).write_text(json.dumps(config, ensure_ascii=False, indent=2), encoding="utf-8")
     return view
 
 

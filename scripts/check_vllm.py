@@ -10,7 +10,7 @@ What it checks, in vLLM's offline engine (the one `vllm serve` runs):
    of every token it chose must match transformers' (teacher-forced) within --logprob_tolerance;
 3. chat: `LLM.chat` renders the chat template and stops at the end-of-turn token (finish_reason "stop"
    when the model ends its answer), and with --sft_eval_file the exact-match accuracy on the SFT demo's
-   held-out prompts is computed from vLLM's answers and from transformers' answers.
+   held-out prompts, from vLLM's answers and from transformers', must agree within --max_accuracy_gap.
 Prints one JSON line per check and a summary; exits 1 if a check fails.
 """
 from __future__ import annotations
@@ -65,6 +65,8 @@ def main(argv=None) -> int:
     parser.add_argument("--max_new_tokens", type=int, default=32)
     parser.add_argument("--tie_margin", type=float, default=0.125,
                         help="top-2 logit gap (bf16 noise) under which vLLM may pick the other token")
+    parser.add_argument("--max_accuracy_gap", type=float, default=0.02,
+                        help="largest allowed gap between vLLM's and transformers' exact-match accuracy")
     parser.add_argument("--logprob_tolerance", type=float, default=0.25,
                         help="largest allowed difference between vLLM's and transformers' token log-probabilities")
     args = parser.parse_args(argv)
@@ -133,6 +135,8 @@ def main(argv=None) -> int:
                                                                    "vllm": answers[0].outputs[0].text}})
         if stopped == 0:
             failures.append("no chat answer ended at the end-of-turn token")
+        if abs(vllm_correct - hf_correct) / n > args.max_accuracy_gap:
+            failures.append(f"exact match {vllm_correct / n:.3f} in vLLM against {hf_correct / n:.3f} in transformers")
     emit({"summary": "ok" if not failures else "failed", "greedy_identical": f"{agreeing}/{len(PROMPTS)}",
           "failures": failures})
     return 1 if failures else 0

@@ -90,18 +90,45 @@ def test_gguf_export_matches_the_hf_model_in_llama_cpp(tiny_model_dir, tmp_path)
 
 
 def test_gguf_pre_tokenizer_names():
-    from lmtrain.gguf import pre_tokenizer_name, strip_generation_tags
-    from lmtrain.tokenizer import CHATML_TEMPLATE, QWEN2_SPLIT_REGEX
+    from lmtrain.gguf import GPT2_REGEX, pre_tokenizer_name
+    from lmtrain.tokenizer import QWEN2_SPLIT_REGEX
 
-    qwen2 = {"type": "Sequence", "pretokenizers": [
-        {"type": "Split", "pattern": {"Regex": QWEN2_SPLIT_REGEX}, "behavior": "Isolated", "invert": False},
-        {"type": "ByteLevel", "add_prefix_space": False, "trim_offsets": True, "use_regex": False}]}
-    assert pre_tokenizer_name({"pre_tokenizer": qwen2}) == "qwen2"
+    def split(regex: str, **byte_level) -> dict:
+        return {"type": "Sequence", "pretokenizers": [
+            {"type": "Split", "pattern": {"Regex": regex}, "behavior": "Isolated", "invert": False},
+            {"type": "ByteLevel", "add_prefix_space": False, "trim_offsets": True, "use_regex": False, **byte_level}]}
+
+    nfc = {"type": "NFC"}
+    assert pre_tokenizer_name({"normalizer": nfc, "pre_tokenizer": split(QWEN2_SPLIT_REGEX)}) == "qwen2"
+    llama3 = QWEN2_SPLIT_REGEX.replace(r"\p{N}|", r"\p{N}{1,3}|")  # LLaMA 3's tokenizer.json pattern
+    assert pre_tokenizer_name({"normalizer": None, "pre_tokenizer": split(llama3)}) == "llama-bpe"
+    assert pre_tokenizer_name({"pre_tokenizer": split(GPT2_REGEX)}) == "gpt-2"
     assert pre_tokenizer_name({"pre_tokenizer": {"type": "ByteLevel", "use_regex": True}}) == "gpt-2"
-    with pytest.raises(ValueError, match="matches none"):
-        pre_tokenizer_name({"pre_tokenizer": {"type": "Metaspace"}})
-    plain = strip_generation_tags(CHATML_TEMPLATE)
-    assert "{% generation" not in plain and "endgeneration" not in plain and plain.count("<|im_end|>") == CHATML_TEMPLATE.count("<|im_end|>")
+    for refused in ({"pre_tokenizer": {"type": "Metaspace"}},
+                    {"normalizer": {"type": "NFKC"}, "pre_tokenizer": split(QWEN2_SPLIT_REGEX)},
+                    {"pre_tokenizer": split(QWEN2_SPLIT_REGEX, add_prefix_space=True)}):
+        with pytest.raises(ValueError, match="matches none"):
+            pre_tokenizer_name(refused)
+
+
+def test_templates_without_generation_markers_render_the_same_text(tiny_tokenizer):
+    """Plain Jinja (llama.cpp, llama-cpp-python) renders the stripped template exactly as transformers renders
+    the original, whitespace-control dashes on the markers included."""
+    import jinja2
+
+    from lmtrain.gguf import strip_generation_tags
+    from lmtrain.tokenizer import CHATML_TEMPLATE
+
+    # plain text next to dashed markers: deleting the markers would leave that whitespace in
+    dashed = ("{% for message in messages %}{{ message['role'] }}:\n{% if message['role'] == 'assistant' %}\n"
+              "  {%- generation -%}\n  {{ message['content'] }}  \n  {%- endgeneration -%}\n"
+              "{% else %}{{ message['content'] }}{% endif %};{% endfor %}")
+    messages = [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello"}]
+    for template in (CHATML_TEMPLATE, dashed):
+        plain = strip_generation_tags(template)
+        assert "generation %" not in plain and "generation -%" not in plain
+        rendered = jinja2.Environment().from_string(plain).render(messages=messages, add_generation_prompt=False)
+        assert rendered == tiny_tokenizer.apply_chat_template(messages, chat_template=template, tokenize=False)
 
 
 def _task_copy(name: str, data_file: Path, directory: Path) -> Path:

@@ -424,14 +424,17 @@ def prepare_pretrain_data(args: DataArguments, tokenizer, cache_dir: str | None 
 
 def save_prepared(dataset: datasets.DatasetDict, report: PreparationReport, output_dir: str, tokenizer):
     """The prepared directory: the DatasetDict, report.json, the tokenizer it was made with, and
-    validation.jsonl (the held-out documents' text, when the split was made here)."""
+    validation.jsonl (the held-out documents' text; removed when there are none, so a re-prepared
+    directory never keeps an old one)."""
     dataset.save_to_disk(output_dir)
     with open(os.path.join(output_dir, "report.json"), "w", encoding="utf-8") as handle:
         json.dump(report.to_dict(), handle, indent=2)
     held_out = getattr(report, "_validation_documents", None)
+    held_out_path = os.path.join(output_dir, "validation.jsonl")
     if held_out is not None and len(held_out):
-        held_out.select_columns(["text", "source"]).to_json(os.path.join(output_dir, "validation.jsonl"),
-                                                            force_ascii=False)
+        held_out.select_columns(["text", "source"]).to_json(held_out_path, force_ascii=False)
+    elif os.path.exists(held_out_path):
+        os.remove(held_out_path)
     tokenizer.save_pretrained(os.path.join(output_dir, "tokenizer"))
 
 
