@@ -7,7 +7,7 @@ tokenizer trained here would otherwise trip over.
    is unknown we name the rule from tokenizer.json instead. Unknown rules still fail, with the reason.
 2. Our chat template marks assistant turns with `{% generation %}` for assistant-only loss masks; that tag is a
    transformers extension that plain Jinja (llama-cpp-python, llama.cpp's server) rejects. The GGUF gets the same
-   template without the markers, which renders the same text.
+   template with the markers turned into `{% if true %}` / `{% endif %}`, which renders the same text.
 
 The converter is not vendored: users point at their llama.cpp checkout (or the copy inside a llama-cpp-python
 source distribution), so its architecture and tensor mapping stay llama.cpp's.
