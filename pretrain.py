@@ -46,8 +46,9 @@ def main(argv=None):
 
     tokenizer = load_tokenizer(model_args.tokenizer_name or model_args.model_name_or_path or "outputs/tokenizer",
                                cache_dir=model_args.cache_dir, revision=model_args.model_revision)
-    data = load_pretrain_data(data_args, tokenizer, training_args)
+    # The model first: its checks (vocabulary size, tokenizer reload) fail in seconds, before any data is tokenized.
     model = build_model(model_args, tokenizer)
+    data = load_pretrain_data(data_args, tokenizer, training_args)
     logger.info("packed documents are kept apart through position_ids (%s attention); %d train blocks of %d tokens",
                 model.config._attn_implementation, len(data.train), data.block_size)
 

@@ -67,6 +67,26 @@ def tiny_tokenizer(tiny_tokenizer_dir):
     return load_tokenizer(str(tiny_tokenizer_dir))
 
 
+@pytest.fixture(scope="session")
+def gpt2_rule_tokenizer_dir(tmp_path_factory, demo_texts):
+    """A byte-level BPE with GPT-2's split rule (ByteLevel's built-in regex) and no normalizer: what
+    train_bpe_tokenizer made before it adopted Qwen2's rule, and what transformers re-splits on reload."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    from lmtrain.tokenizer import END_OF_TEXT, PAD
+
+    raw = Tokenizer(models.BPE())
+    raw.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
+    raw.decoder = decoders.ByteLevel()
+    raw.train_from_iterator(demo_texts[:200], trainers.BpeTrainer(
+        vocab_size=1000, special_tokens=[END_OF_TEXT, PAD], initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False))
+    out_dir = tmp_path_factory.mktemp("gpt2_rule_tokenizer")
+    PreTrainedTokenizerFast(tokenizer_object=raw, eos_token=END_OF_TEXT, pad_token=PAD).save_pretrained(out_dir)
+    return out_dir
+
+
 @pytest.fixture
 def write_jsonl(tmp_path):
     """write_jsonl(records, name="data.jsonl") -> path (str) under the test's tmp dir.

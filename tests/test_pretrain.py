@@ -137,6 +137,17 @@ def test_classic_run_clm_launch_flags_run_unchanged(corpus_and_tokenizer, tmp_pa
     assert (out / "model.safetensors").exists()
 
 
+def test_tokenizer_that_changes_on_reload_is_refused_before_data_preparation(corpus_and_tokenizer,
+                                                                           gpt2_rule_tokenizer_dir, tmp_path):
+    root, corpus, _ = corpus_and_tokenizer
+    cache = tmp_path / "cache"
+    args = base_args(root, corpus, gpt2_rule_tokenizer_dir, tmp_path / "refused", "--max_steps", "1")
+    args[args.index("--prepared_cache_dir") + 1] = str(cache)
+    with pytest.raises(ValueError, match="reloads as Qwen2Tokenizer"):
+        pretrain.main(args)
+    assert not cache.exists() or not any(cache.iterdir())  # nothing was tokenized
+
+
 def test_vocabulary_mismatch_with_pretrained_weights_is_a_clear_error(corpus_and_tokenizer, tmp_path):
     from transformers import AutoModelForCausalLM
 

@@ -140,21 +140,12 @@ def test_tokenizer_survives_reload_next_to_a_model_config(tiny_tokenizer, config
     check_reload_consistency(tiny_tokenizer, resolve_config(config_name))
 
 
-def test_tokenizer_with_another_split_rule_is_refused_for_qwen2(demo_texts):
+def test_tokenizer_with_another_split_rule_is_refused_for_qwen2(gpt2_rule_tokenizer_dir):
     """A GPT-2-rule tokenizer (ByteLevel's built-in regex) would be silently re-split on reload."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-    from transformers import PreTrainedTokenizerFast
-
     from lmtrain.modeling import resolve_config
     from lmtrain.tokenizer import check_reload_consistency
 
-    raw = Tokenizer(models.BPE())
-    raw.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
-    raw.decoder = decoders.ByteLevel()
-    raw.train_from_iterator(demo_texts[:200], trainers.BpeTrainer(
-        vocab_size=1000, special_tokens=[END_OF_TEXT], initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
-        show_progress=False))
-    gpt2_rule = PreTrainedTokenizerFast(tokenizer_object=raw, eos_token=END_OF_TEXT)
+    gpt2_rule = AutoTokenizer.from_pretrained(str(gpt2_rule_tokenizer_dir))
     with pytest.raises(ValueError, match="reloads as Qwen2Tokenizer and tokenizes differently"):
         check_reload_consistency(gpt2_rule, resolve_config("qwen2-tiny"))
     check_reload_consistency(gpt2_rule, resolve_config("llama-1b"))  # llama keeps tokenizer.json as it is
