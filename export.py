@@ -41,9 +41,13 @@ def main(argv=None):
     (args,) = parse_arguments([ExportArguments], argv)
     if args.dtype not in ("bfloat16", "float16", "float32"):
         raise SystemExit(f"--dtype must be bfloat16, float16 or float32, not {args.dtype}")
-    if args.gguf and not (args.llama_cpp_dir and Path(args.llama_cpp_dir, "convert_hf_to_gguf.py").exists()):
-        raise SystemExit(f"--gguf needs --llama_cpp_dir: a llama.cpp checkout with convert_hf_to_gguf.py "
-                         f"(got {args.llama_cpp_dir!r})")
+    if args.gguf:
+        from lmtrain.gguf import check_llama_cpp_dir
+
+        try:
+            check_llama_cpp_dir(args.llama_cpp_dir)  # before the export, not after it
+        except FileNotFoundError as error:
+            raise SystemExit(f"--gguf: {error}") from None
     tokenizer = load_tokenizer(args.adapter if args.adapter and Path(args.adapter, "tokenizer_config.json").exists()
                                else args.model)
     model = AutoModelForCausalLM.from_pretrained(args.model, dtype=torch.float32)

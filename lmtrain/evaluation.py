@@ -72,17 +72,20 @@ def evaluate_text(model, tokenizer, sources: list[str], text_field: str = "text"
     return results
 
 
-def exact_match(model, tokenizer, eval_file: str, max_new_tokens: int = 32, batch_size: int = 16) -> dict:
-    """Greedy answers to held-out chat prompts ({"messages", "answer", "task"} per line) compared exactly
-    (after stripping whitespace) with the expected answers; also how often generation ended with the
-    end-of-turn token rather than running to max_new_tokens."""
+def load_chat_eval(eval_file: str) -> list[dict]:
+    """Held-out chat prompts with known answers: {"messages", "answer", "task"} per jsonl line."""
+    return [json.loads(line) for line in Path(eval_file).read_text(encoding="utf-8").splitlines() if line.strip()]
+
+
+def greedy_chat_answers(model, tokenizer, records: list[dict], max_new_tokens: int = 32,
+                        batch_size: int = 16) -> list[tuple[str, bool]]:
+    """(answer, stopped) per record, in order: the greedy reply through the chat template, whitespace-stripped,
+    and whether it ended with an end-of-text / end-of-turn token rather than at max_new_tokens."""
     from lmtrain.generation import stop_token_ids
 
-    records = [json.loads(line) for line in Path(eval_file).read_text(encoding="utf-8").splitlines() if line.strip()]
     stop_ids = stop_token_ids(model, tokenizer)
     tokenizer.padding_side = "left"
-    per_task = defaultdict(lambda: {"correct": 0, "total": 0, "stopped": 0})
-    examples = []
+    answers = []
     for start in range(0, len(records), batch_size):
         batch = records[start:start + batch_size]
         prompts = [tokenizer.apply_chat_template(r["messages"], tokenize=False, add_generation_prompt=True)
@@ -91,21 +94,36 @@ def exact_match(model, tokenizer, eval_file: str, max_new_tokens: int = 32, batc
         with torch.inference_mode():
             generated = model.generate(**encoded, max_new_tokens=max_new_tokens, do_sample=False,
                                        eos_token_id=stop_ids, pad_token_id=tokenizer.pad_token_id)
-        for record, row in zip(batch, generated[:, encoded["input_ids"].shape[1]:].tolist()):
-            stopped = any(t in stop_ids for t in row)
-            answer = tokenizer.decode(row, skip_special_tokens=True).strip()
-            task = per_task[record.get("task", "all")]
-            task["total"] += 1
-            task["correct"] += answer == record["answer"].strip()
-            task["stopped"] += stopped
-            if len(examples) < 10:
-                examples.append({"prompt": record["messages"][-1]["content"], "expected": record["answer"],
-                                 "got": answer})
+        answers += [(tokenizer.decode(row, skip_special_tokens=True).strip(), any(t in stop_ids for t in row))
+                    for row in generated[:, encoded["input_ids"].shape[1]:].tolist()]
+    return answers
+
+
+def score_answers(records: list[dict], answers: list[tuple[str, bool]]) -> dict:
+    """Exact match (after stripping whitespace) of (answer, stopped) pairs against the records' answers:
+    accuracy and stop rate overall and per task, and the first examples. Any engine's answers score here."""
+    per_task = defaultdict(lambda: {"correct": 0, "total": 0, "stopped": 0})
+    examples = []
+    for record, (answer, stopped) in zip(records, answers, strict=True):
+        task = per_task[record.get("task", "all")]
+        task["total"] += 1
+        task["correct"] += answer.strip() == record["answer"].strip()
+        task["stopped"] += stopped
+        if len(examples) < 10:
+            examples.append({"prompt": record["messages"][-1]["content"], "expected": record["answer"],
+                             "got": answer.strip()})
     total = sum(t["total"] for t in per_task.values())
     return {"accuracy": sum(t["correct"] for t in per_task.values()) / max(1, total),
             "stop_rate": sum(t["stopped"] for t in per_task.values()) / max(1, total),
             "per_task": {k: {"accuracy": v["correct"] / v["total"], **v} for k, v in sorted(per_task.items())},
             "examples": examples}
+
+
+def exact_match(model, tokenizer, eval_file: str, max_new_tokens: int = 32, batch_size: int = 16) -> dict:
+    """Greedy answers to held-out chat prompts compared exactly with the expected answers; also how often
+    generation ended with the end-of-turn token rather than running to max_new_tokens."""
+    records = load_chat_eval(eval_file)
+    return score_answers(records, greedy_chat_answers(model, tokenizer, records, max_new_tokens, batch_size))
 
 
 def format_table(text_results: dict | None, match_results: dict | None) -> str:

@@ -128,6 +128,7 @@ def chat_loop(model, tokenizer, sampling: SamplingArguments, system: str | None 
         raise ValueError("this tokenizer has no chat template; use plain prompts (without --chat)")
     history = [{"role": "system", "content": system}] if system else []
     streamer = TextStreamer(tokenizer, skip_prompt=True, skip_special_tokens=True)
+    stop_ids = stop_token_ids(model, tokenizer)
     print("chat: empty line or Ctrl-D to quit, /reset to clear the history")
     while True:
         try:
@@ -145,7 +146,6 @@ def chat_loop(model, tokenizer, sampling: SamplingArguments, system: str | None 
         print("assistant> ", end="", flush=True)
         with torch.inference_mode():
             generated = model.generate(**encoded, **sampling.generate_kwargs(), streamer=streamer,
-                                       eos_token_id=stop_token_ids(model, tokenizer),
-                                       pad_token_id=tokenizer.pad_token_id)
+                                       eos_token_id=stop_ids, pad_token_id=tokenizer.pad_token_id)
         reply = tokenizer.decode(generated[0, encoded["input_ids"].shape[1]:], skip_special_tokens=True)
         history.append({"role": "assistant", "content": reply})

@@ -127,13 +127,20 @@ def _run_converter(model_dir: str, outfile: str, outtype: str, llama_cpp_dir: st
     converter.main()
 
 
+def check_llama_cpp_dir(llama_cpp_dir: str | None) -> Path:
+    """The llama.cpp folder whose convert_hf_to_gguf.py will run, or FileNotFoundError saying what to pass."""
+    script = Path(llama_cpp_dir or ".") / "convert_hf_to_gguf.py"
+    if not llama_cpp_dir or not script.exists():
+        raise FileNotFoundError(f"{script} not found: --llama_cpp_dir must be a llama.cpp checkout (git clone "
+                                "https://github.com/ggml-org/llama.cpp) or the vendor/llama.cpp folder of a "
+                                "llama-cpp-python source distribution")
+    return script.parent.resolve()
+
+
 def convert_to_gguf(model_dir: str, outfile: str, llama_cpp_dir: str, outtype: str = "bf16") -> Path:
     """Run llama.cpp's converter on model_dir and return the GGUF path."""
-    model_dir, outfile, llama_cpp_dir = Path(model_dir).resolve(), Path(outfile).resolve(), Path(llama_cpp_dir)
-    if not (llama_cpp_dir / "convert_hf_to_gguf.py").exists():
-        raise FileNotFoundError(f"{llama_cpp_dir / 'convert_hf_to_gguf.py'} not found: --llama_cpp_dir must be a "
-                                "llama.cpp checkout (git clone https://github.com/ggml-org/llama.cpp) or the "
-                                "vendor/llama.cpp folder of a llama-cpp-python source distribution")
+    model_dir, outfile, llama_cpp_dir = Path(model_dir).resolve(), Path(outfile).resolve(), check_llama_cpp_dir(
+        llama_cpp_dir)
     fallback = f"{model_dir} has no tokenizer.json"
     if (model_dir / "tokenizer.json").exists():
         try:
@@ -144,6 +151,6 @@ def convert_to_gguf(model_dir: str, outfile: str, llama_cpp_dir: str, outtype: s
         view = _plain_template_copy(model_dir, Path(workdir))
         code = "import sys; from lmtrain.gguf import _run_converter; _run_converter(*sys.argv[1:])"
         subprocess.run([sys.executable, "-c", code, str(view), str(outfile), outtype,
-                        str(llama_cpp_dir.resolve()), fallback],
+                        str(llama_cpp_dir), fallback],
                        check=True, cwd=Path(__file__).resolve().parent.parent)
     return outfile

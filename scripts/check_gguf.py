@@ -12,8 +12,12 @@ from __future__ import annotations
 
 import argparse
 import json
-from collections import Counter
+import sys
 from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from lmtrain.evaluation import load_chat_eval, score_answers  # noqa: E402
 
 
 def main(argv=None) -> dict:
@@ -26,19 +30,17 @@ def main(argv=None) -> dict:
     from llama_cpp import Llama
 
     llm = Llama(model_path=args.gguf, n_ctx=512, verbose=False)
-    records = [json.loads(line) for line in Path(args.sft_eval_file).read_text().splitlines() if line.strip()]
-    correct, total, stopped = Counter(), Counter(), 0
+    records = load_chat_eval(args.sft_eval_file)
+    answers = []
     for record in records:
         reply = llm.create_chat_completion(messages=record["messages"], temperature=0.0, top_k=1,
                                            max_tokens=args.max_new_tokens)["choices"][0]
-        task = record.get("task", "all")
-        total[task] += 1
-        correct[task] += reply["message"]["content"].strip() == record["answer"].strip()
-        stopped += reply["finish_reason"] == "stop"
-    result = {"accuracy": sum(correct.values()) / len(records), "stop_rate": stopped / len(records),
-              "per_task": {task: f"{correct[task]}/{total[task]}" for task in sorted(total)}}
-    print(json.dumps(result))
+        answers.append((reply["message"]["content"], reply["finish_reason"] == "stop"))
     llm.close()
+    scores = score_answers(records, answers)
+    result = {"accuracy": scores["accuracy"], "stop_rate": scores["stop_rate"],
+              "per_task": {task: f"{row['correct']}/{row['total']}" for task, row in scores["per_task"].items()}}
+    print(json.dumps(result))
     return result
 
 

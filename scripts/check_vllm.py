@@ -76,7 +76,7 @@ def main(argv=None) -> int:
     from transformers import AutoModelForCausalLM, AutoTokenizer
     from vllm import LLM, SamplingParams
 
-    from lmtrain.generation import stop_token_ids
+    from lmtrain.evaluation import greedy_chat_answers, load_chat_eval, score_answers
 
     emit({"versions": {"vllm": vllm.__version__, "torch": torch.__version__,
                        "gpu": torch.cuda.get_device_name(0)}})
@@ -111,32 +111,22 @@ def main(argv=None) -> int:
 
     # 3. chat through the chat template, stopping at the end-of-turn token
     if args.sft_eval_file:
-        records = [json.loads(line) for line in Path(args.sft_eval_file).read_text().splitlines() if line.strip()]
-        chat_params = SamplingParams(temperature=0.0, max_tokens=16)
-        answers = llm.chat([r["messages"] for r in records], chat_params, use_tqdm=False)
-        stops = stop_token_ids(hf, tokenizer)
-        vllm_correct = hf_correct = same = stopped = 0
-        for record, answer in zip(records, answers):
-            prompt = tokenizer.apply_chat_template(record["messages"], tokenize=False, add_generation_prompt=True)
-            encoded = tokenizer(prompt, return_tensors="pt", add_special_tokens=False).to("cuda")
-            with torch.inference_mode():
-                generated = hf.generate(**encoded, max_new_tokens=16, do_sample=False, eos_token_id=stops,
-                                        pad_token_id=tokenizer.pad_token_id)
-            hf_text = tokenizer.decode(generated[0, encoded.input_ids.shape[1]:], skip_special_tokens=True).strip()
-            vllm_text = answer.outputs[0].text.strip()
-            vllm_correct += vllm_text == record["answer"].strip()
-            hf_correct += hf_text == record["answer"].strip()
-            same += vllm_text == hf_text
-            stopped += answer.outputs[0].finish_reason == "stop"
-        n = len(records)
-        emit({"check": "chat", "prompts": n, "vllm_exact_match": round(vllm_correct / n, 4),
-              "transformers_exact_match": round(hf_correct / n, 4), "same_answer": round(same / n, 4),
-              "vllm_stop_rate": round(stopped / n, 4), "example": {"prompt": records[0]["messages"][-1]["content"],
-                                                                   "vllm": answers[0].outputs[0].text}})
-        if stopped == 0:
+        records = load_chat_eval(args.sft_eval_file)
+        replies = llm.chat([r["messages"] for r in records], SamplingParams(temperature=0.0, max_tokens=16),
+                           use_tqdm=False)
+        vllm_answers = [(reply.outputs[0].text, reply.outputs[0].finish_reason == "stop") for reply in replies]
+        hf_answers = greedy_chat_answers(hf, tokenizer, records, max_new_tokens=16, batch_size=1)
+        vllm_scores, hf_scores = score_answers(records, vllm_answers), score_answers(records, hf_answers)
+        same = sum(v.strip() == h for (v, _), (h, _) in zip(vllm_answers, hf_answers)) / len(records)
+        emit({"check": "chat", "prompts": len(records), "vllm_exact_match": round(vllm_scores["accuracy"], 4),
+              "transformers_exact_match": round(hf_scores["accuracy"], 4), "same_answer": round(same, 4),
+              "vllm_stop_rate": round(vllm_scores["stop_rate"], 4),
+              "example": {"prompt": records[0]["messages"][-1]["content"], "vllm": vllm_answers[0][0]}})
+        if vllm_scores["stop_rate"] == 0:
             failures.append("no chat answer ended at the end-of-turn token")
-        if abs(vllm_correct - hf_correct) / n > args.max_accuracy_gap:
-            failures.append(f"exact match {vllm_correct / n:.3f} in vLLM against {hf_correct / n:.3f} in transformers")
+        if abs(vllm_scores["accuracy"] - hf_scores["accuracy"]) > args.max_accuracy_gap:
+            failures.append(f"exact match {vllm_scores['accuracy']:.3f} in vLLM against {hf_scores['accuracy']:.3f} "
+                            "in transformers")
     emit({"summary": "ok" if not failures else "failed", "greedy_identical": f"{agreeing}/{len(PROMPTS)}",
           "failures": failures})
     return 1 if failures else 0

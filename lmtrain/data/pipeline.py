@@ -54,6 +54,8 @@ class PreparationReport:
     bytes_per_token_by_split: dict = field(default_factory=dict)
     cache: dict = field(default_factory=dict)
     seconds: dict = field(default_factory=dict)
+    # The held-out documents as text (a Dataset), for save_prepared's validation.jsonl; not a figure.
+    _validation_documents: object = field(default=None, repr=False, compare=False)
 
     def to_dict(self) -> dict:
         """The JSON-able figures (attributes starting with _ hold data, not figures)."""
@@ -365,7 +367,8 @@ def prepare_pretrain_data(args: DataArguments, tokenizer, cache_dir: str | None 
         raise DataError(f"no documents left to train on (read {len(drops)}, dropped: {report.dropped}); "
                         "check --text_field, the files, and the cleaning thresholds")
     started, t0 = time.time(), clock()
-    tokenized = text_source.select(kept).with_format("arrow").map(
+    kept_texts = text_source.select(kept)
+    tokenized = kept_texts.with_format("arrow").map(
         tokenize_table, batched=True, batch_size=1000, num_proc=num_proc, fn_kwargs={"tokenizer": tokenizer},
         remove_columns=["text"], load_from_cache_file=load_from_cache, desc="tokenizing")
     report.cache["tokenize"] = _reused(tokenized, started)
@@ -393,8 +396,7 @@ def prepare_pretrain_data(args: DataArguments, tokenizer, cache_dir: str | None 
     total = args.mixture_tokens or int(num_tokens[train_rows].sum())
     train_indices, report.sources = mixture_selection(sources, num_tokens, train_rows, weights, total, rng)
     report.documents_kept = {"train": int(len(train_rows)), "validation": int(len(validation_rows))}
-    # The held-out documents as text, for scoring with evaluate.py or lm-eval (not part of report.json).
-    report._validation_documents = text_source.select(kept).select(validation_rows)
+    report._validation_documents = kept_texts.select(validation_rows)
 
     t0 = clock()
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
@@ -429,7 +431,7 @@ def save_prepared(dataset: datasets.DatasetDict, report: PreparationReport, outp
     dataset.save_to_disk(output_dir)
     with open(os.path.join(output_dir, "report.json"), "w", encoding="utf-8") as handle:
         json.dump(report.to_dict(), handle, indent=2)
-    held_out = getattr(report, "_validation_documents", None)
+    held_out = report._validation_documents
     held_out_path = os.path.join(output_dir, "validation.jsonl")
     if held_out is not None and len(held_out):
         held_out.select_columns(["text", "source"]).to_json(held_out_path, force_ascii=False)
