@@ -21,6 +21,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))  # importable from any 
 from lmtrain.arguments import parse_arguments  # noqa: E402
 from lmtrain.evaluation import evaluate_text, exact_match, format_table  # noqa: E402
 from lmtrain.generation import load_for_inference  # noqa: E402
+from lmtrain.errors import run_entry_point  # noqa: E402
 
 
 @dataclass
@@ -57,4 +58,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    main()
+    run_entry_point(main)

@@ -17,6 +17,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))  # importable from any 
 import torch  # noqa: E402
 
 from lmtrain.arguments import parse_arguments  # noqa: E402
+from lmtrain.errors import run_entry_point  # noqa: E402
 
 
 @dataclass
@@ -70,4 +71,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    main()
+    run_entry_point(main)

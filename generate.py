@@ -19,6 +19,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))  # importable from any 
 from lmtrain.arguments import parse_arguments  # noqa: E402
 from lmtrain.generation import (SamplingArguments, chat_loop, diversity, generate_file, generate_texts,  # noqa: E402
                                 load_for_inference)
+from lmtrain.errors import run_entry_point  # noqa: E402
 
 
 @dataclass
@@ -64,4 +65,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    main()
+    run_entry_point(main)

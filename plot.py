@@ -14,6 +14,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # importable from any working directory
 
 from lmtrain.plotting import load_log_history, plot_runs  # noqa: E402
+from lmtrain.errors import run_entry_point  # noqa: E402
 
 
 def main(argv=None):
@@ -33,4 +34,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    main()
+    run_entry_point(main)

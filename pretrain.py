@@ -31,6 +31,7 @@ from lmtrain.data.loading import load_pretrain_data  # noqa: E402
 from lmtrain.modeling import build_model  # noqa: E402
 from lmtrain.tokenizer import load_tokenizer  # noqa: E402
 from lmtrain.training import build_trainer, final_metrics, resolve_resume, save_final_model  # noqa: E402
+from lmtrain.errors import run_entry_point  # noqa: E402
 
 logger = logging.getLogger("pretrain")
 
@@ -62,4 +63,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    main()
+    run_entry_point(main)

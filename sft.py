@@ -35,6 +35,7 @@ from lmtrain.modeling import build_model  # noqa: E402
 from lmtrain.tokenizer import load_tokenizer  # noqa: E402
 from lmtrain.training import (PadToLongestCollator, build_trainer, collate_packed_blocks, final_metrics,  # noqa: E402
                               resolve_resume, save_final_model)
+from lmtrain.errors import run_entry_point  # noqa: E402
 
 logger = logging.getLogger("sft")
 
@@ -80,4 +81,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    main()
+    run_entry_point(main)

@@ -21,6 +21,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a script 
 
 from lmtrain.arguments import parse_arguments  # noqa: E402
 from lmtrain.data.demo_corpus import ensure_demo_corpus  # noqa: E402
+from lmtrain.errors import run_entry_point  # noqa: E402
 
 SYSTEM_PROMPTS = ["You are a helpful assistant.", "Answer briefly.", "You are a scholar of Shakespeare."]
 
@@ -107,4 +108,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    main()
+    run_entry_point(main)

@@ -23,6 +23,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a script 
 from lmtrain.arguments import DataArguments, parse_arguments  # noqa: E402
 from lmtrain.data.pipeline import prepare_pretrain_data, save_prepared  # noqa: E402
 from lmtrain.tokenizer import load_tokenizer  # noqa: E402
+from lmtrain.errors import run_entry_point  # noqa: E402
 
 logger = logging.getLogger("prepare_pretrain")
 
@@ -45,4 +46,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    main()
+    run_entry_point(main)

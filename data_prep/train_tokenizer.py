@@ -19,6 +19,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a script 
 from lmtrain.arguments import parse_arguments  # noqa: E402
 from lmtrain.data.sources import ReadStats, SourceSpec, read_file, read_hub_dataset, resolve_source_files  # noqa: E402
 from lmtrain.tokenizer import sample_texts, train_bpe_tokenizer  # noqa: E402
+from lmtrain.errors import run_entry_point  # noqa: E402
 
 logger = logging.getLogger("train_tokenizer")
 
@@ -59,4 +60,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    main()
+    run_entry_point(main)

@@ -15,6 +15,7 @@ from dataclasses import asdict, dataclass, field, fields
 from transformers import HfArgumentParser, TrainingArguments
 
 from lmtrain.data.cleaning import CleaningConfig
+from lmtrain.errors import UserError
 
 logger = logging.getLogger(__name__)
 
@@ -253,7 +254,12 @@ def parse_arguments(dataclass_types, argv: list[str] | None = None):
     argv = list(sys.argv[1:] if argv is None else argv)
     argv = translate_legacy_flags(expand_config_file(argv))
     parser = HfArgumentParser(dataclass_types)
-    return parser.parse_args_into_dataclasses(args=argv)
+    try:
+        return parser.parse_args_into_dataclasses(args=argv)
+    except UserError:
+        raise
+    except ValueError as error:  # a __post_init__ check: conflicting or out-of-range options
+        raise UserError(str(error)) from error
 
 
 def save_resolved_config(output_dir: str, **groups) -> str:

@@ -16,6 +16,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterator
 
+from lmtrain.errors import UserError
+
 logger = logging.getLogger(__name__)
 
 TEXT_SUFFIXES = {".jsonl", ".json", ".txt", ".text", ".md", ".parquet"}
@@ -24,7 +26,7 @@ TEXT_SUFFIXES = {".jsonl", ".json", ".txt", ".text", ".md", ".parquet"}
 FIELD_CHECK_RECORDS = 100
 
 
-class DataError(ValueError):
+class DataError(UserError):
     """Bad input that the user must fix; the message names the file, line and field."""
 
 
