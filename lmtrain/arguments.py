@@ -19,6 +19,8 @@ from lmtrain.errors import UserError
 
 logger = logging.getLogger(__name__)
 
+CONFIG_FILE_NAME = "lmtrain_config.json"  # the resolved options, written into output_dir
+
 # Old flag -> current flag. None: accepted and ignored (the behaviour is now always on, or moved).
 LEGACY_FLAGS = {
     "evaluation_strategy": "eval_strategy",
@@ -62,6 +64,8 @@ class ModelArguments:
                              "not both; with weights, change the config through --config_overrides")
         if self.config_overrides and not (self.config_name or self.model_name_or_path):
             self.config_name = "qwen2-tiny"
+        from lmtrain.modeling import check_attention_name  # here, so a typo fails before data preparation
+        check_attention_name(self.attn_implementation)
 
 
 @dataclass
@@ -177,30 +181,94 @@ class TrainArguments(TrainingArguments):
         if evaluating and self.metric_for_best_model is None:
             # Tracks the best checkpoint, which checkpoint rotation (save_total_limit) then never deletes.
             self.metric_for_best_model, self.greater_is_better = "eval_loss", False
+        from lmtrain.distributed import default_single_process_environment  # before the distributed state
+        default_single_process_environment(self.deepspeed)
         super().__post_init__()
 
 
-def _config_file_to_argv(path: str) -> list[str]:
-    if path.endswith((".yaml", ".yml")):
-        import yaml
+CONFIG_SUFFIXES = (".yaml", ".yml", ".json")
+# The groups save_resolved_config nests the options under; a file shaped that way is read flat again.
+CONFIG_GROUPS = ("model", "data", "lora", "training")
 
+
+def read_config_file(path: str) -> dict:
+    """A YAML/JSON config file as {option: value}. Values keep their YAML/JSON types (null, true/false,
+    lists, mappings); the resolved OUTPUT_DIR/lmtrain_config.json, nested by group, is flattened."""
+    try:
         with open(path, encoding="utf-8") as handle:
-            values = yaml.safe_load(handle) or {}
-    else:
-        with open(path, encoding="utf-8") as handle:
-            values = json.load(handle)
-    if not isinstance(values, dict):
-        raise ValueError(f"{path}: expected a mapping of option names to values")
-    argv = []
-    for key, value in values.items():
-        argv.append(f"--{key}")
-        if isinstance(value, list):
-            argv.extend(str(v) for v in value)
-        elif isinstance(value, dict):
-            argv.append(json.dumps(value))
+            text = handle.read()
+    except OSError as error:
+        raise UserError(f"config file {path}: cannot be read ({error.strerror or error})") from error
+    try:
+        if path.endswith((".yaml", ".yml")):
+            import yaml
+
+            values = yaml.safe_load(text)
         else:
-            argv.append(str(value))
-    return argv
+            values = json.loads(text)
+    except ValueError as error:  # json.JSONDecodeError
+        raise UserError(f"config file {path}: not valid JSON ({error})") from error
+    except Exception as error:  # yaml.YAMLError carries the line and column in its message
+        raise UserError(f"config file {path}: not valid YAML ({' '.join(str(error).split())})") from error
+    if values is None:
+        return {}
+    if not isinstance(values, dict):
+        raise UserError(f"config file {path}: expected a mapping of option names to values "
+                        f"(`learning_rate: 3.0e-4`), found a {type(values).__name__}")
+    if values and all(key in CONFIG_GROUPS and isinstance(value, dict) for key, value in values.items()):
+        flat = {}
+        for group in values.values():
+            flat.update(group)
+        values = flat
+    return values
+
+
+def _config_defaults(parser: HfArgumentParser, values: dict, path: str) -> dict:
+    """Config-file values as parser defaults (so flags still override them), checked against the options."""
+    actions = {action.dest: action for action in parser._actions}
+    defaults, unknown = {}, []
+    for key, value in values.items():
+        key = str(key)
+        if key in LEGACY_FLAGS:
+            if LEGACY_FLAGS[key] is None:
+                logger.info("%s: %s is accepted for compatibility and has no effect", path, key)
+                continue
+            key = LEGACY_FLAGS[key]
+        action = actions.get(key)
+        if action is None or key == "help":
+            unknown.append(key)
+            continue
+        if isinstance(value, str) and value.endswith("_TOKEN>") and key.endswith("_token"):
+            continue  # a redacted secret in a saved config: keep the default (None)
+        if action.nargs in ("+", "*") and value is not None and not isinstance(value, list):
+            value = [value]
+        if isinstance(value, list) and action.nargs not in ("+", "*") and key == "report_to":
+            value = ",".join(str(v) for v in value) or "none"
+        if value is not None and not isinstance(value, (str, list, dict)) and action.type is not None:
+            value = str(value)  # numbers and booleans: converted by the option's own type, as a flag would be
+        if isinstance(value, list) and action.type is not None:
+            value = [action.type(str(v)) for v in value]
+        defaults[key] = value
+    if unknown:
+        import difflib
+
+        hints = [f"{key} (did you mean {', '.join(difflib.get_close_matches(key, actions, n=2))}?)"
+                 if difflib.get_close_matches(key, actions, n=1) else key for key in unknown]
+        raise UserError(f"config file {path}: unknown option(s): {'; '.join(hints)}. Every key must be a "
+                        "flag name without the dashes (see --help)")
+    return defaults
+
+
+def split_config_file(argv: list[str]) -> tuple[str | None, list[str]]:
+    """The config file (the first argument, or `--config FILE`) and the remaining flags."""
+    if argv and argv[0].endswith(CONFIG_SUFFIXES) and not argv[0].startswith("-"):
+        return argv[0], argv[1:]
+    if "--config" in argv:
+        i = argv.index("--config")
+        if i + 1 >= len(argv):
+            raise UserError("--config needs a file: --config run.yaml")
+        return argv[i + 1], argv[:i] + argv[i + 2:]
+    return None, argv
 
 
 def translate_legacy_flags(argv: list[str]) -> list[str]:
@@ -240,35 +308,38 @@ def _join_report_to(argv: list[str]) -> list[str]:
     return out
 
 
-def expand_config_file(argv: list[str]) -> list[str]:
-    """Move a config file's options in front of the flags, so flags override it."""
-    if argv and argv[0].endswith((".yaml", ".yml", ".json")) and not argv[0].startswith("-"):
-        return _config_file_to_argv(argv[0]) + argv[1:]
-    if "--config" in argv:
-        i = argv.index("--config")
-        return _config_file_to_argv(argv[i + 1]) + argv[:i] + argv[i + 2:]
-    return argv
-
-
 def parse_arguments(dataclass_types, argv: list[str] | None = None):
+    """Dataclass defaults < the config file's values < command-line flags."""
     argv = list(sys.argv[1:] if argv is None else argv)
-    argv = translate_legacy_flags(expand_config_file(argv))
+    config_path, argv = split_config_file(argv)
+    argv = translate_legacy_flags(argv)
     parser = HfArgumentParser(dataclass_types)
+    if config_path:
+        parser.set_defaults(**_config_defaults(parser, read_config_file(config_path), config_path))
     try:
-        return parser.parse_args_into_dataclasses(args=argv)
+        return parser.parse_args_into_dataclasses(args=argv, look_for_args_file=False)
     except UserError:
         raise
     except ValueError as error:  # a __post_init__ check: conflicting or out-of-range options
-        raise UserError(str(error)) from error
+        where = f" (with config file {config_path})" if config_path else ""
+        raise UserError(f"{error}{where}") from error
 
 
 def save_resolved_config(output_dir: str, **groups) -> str:
-    """Write every resolved option next to the checkpoints, so a run can be inspected and repeated."""
+    """Write every resolved option next to the checkpoints, nested by group for reading. Passed back as the
+    config file (`python pretrain.py OUTPUT_DIR/lmtrain_config.json`) it repeats the run; secrets (hub
+    tokens) are never written."""
     os.makedirs(output_dir, exist_ok=True)
     resolved = {}
     for name, group in groups.items():
-        resolved[name] = json.loads(group.to_json_string()) if hasattr(group, "to_json_string") else asdict(group)
-    path = os.path.join(output_dir, "lmtrain_config.json")
+        values = json.loads(group.to_json_string()) if hasattr(group, "to_json_string") else asdict(group)
+        for key in [k for k in values if k.endswith("_token")]:
+            if getattr(group, key, None) is None:
+                values[key] = None
+            else:
+                del values[key]
+        resolved[name] = values
+    path = os.path.join(output_dir, CONFIG_FILE_NAME)
     with open(path, "w", encoding="utf-8") as handle:
         json.dump(resolved, handle, indent=2, default=str)
     return path
