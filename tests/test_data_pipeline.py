@@ -279,7 +279,8 @@ def test_cleaning_steps_and_their_switches(write_jsonl, prepare_data, packed_doc
 
 def test_clean_text_filters():
     config = CleaningConfig()
-    assert clean_text("  padded text that is long enough  ", config) == ("padded text that is long enough", "")
+    # Leading blank lines and trailing whitespace go; the first line's indentation stays (code, verse).
+    assert clean_text("\n \n  padded text that is long enough  \n", config) == ("  padded text that is long enough", "")
     assert clean_text("tiny", config)[1] == "too_short"
     assert clean_text("x" * 50, CleaningConfig(max_chars=40))[1] == "too_long"
     assert clean_text("the same line again\n" * 10, config)[1] == "repetitive_lines"

@@ -1,7 +1,8 @@
 """Document cleaning and deduplication. Each step is switchable; the defaults suit web text.
 
-Per document (parallel, in `datasets.map`): Unicode normalization, control characters, HTML tags, length
-limits, repetition filters, an exact-content hash and a MinHash signature. Across documents (one pass in
+Per document (parallel, in `datasets.map`): HTML markup (only in documents that look like HTML, see
+`looks_like_html`), Unicode normalization, control characters, length limits, repetition filters, an
+exact-content hash and a MinHash signature; a mixture may set these steps per source. Across documents (one pass in
 the main process, over compact columns): exact duplicates by hash, near duplicates by MinHash LSH
 (`datasketch`). The first occurrence of a duplicate is kept, so results do not depend on worker count.
 """
@@ -31,11 +32,26 @@ _HTML_ELEMENTS = (
 )
 _HTML_ATTRIBUTE = r"""\s+[a-zA-Z_:][-\w:.]*(?:\s*=\s*(?:"[^"<>]*"|'[^'<>]*'|[^\s"'=<>`]+))?"""
 _HTML_TAG = re.compile(
-    r"<(?:script|style)\b[^>]*>.*?</(?:script|style)\s*>|<!--.*?-->|<!doctype[^<>]*>"
-    rf"|<(?:{_HTML_ELEMENTS})(?:{_HTML_ATTRIBUTE}){{0,50}}\s*/?>|</(?:{_HTML_ELEMENTS})\s*>",
-    re.S | re.I)
-_HTML_ENTITY = re.compile(r"&(?:nbsp|amp|lt|gt|quot|#\d+|#x[0-9a-f]+);", re.I)
+    rf"<(?:{_HTML_ELEMENTS})(?:{_HTML_ATTRIBUTE}){{0,50}}\s*/?>|</(?:{_HTML_ELEMENTS})\s*>", re.I)
+_HTML_NON_TEXT = re.compile(r"<(script|style)\b[^>]*>.*?</\1\s*>|<!--.*?-->|<!doctype[^<>]*>", re.S | re.I)
+# Elements that end a line of text: removing them without a line break would glue paragraphs together.
+_HTML_BLOCK_TAG = re.compile(
+    r"</?(?:address|article|aside|blockquote|br|dd|div|dl|dt|figcaption|figure|footer|form|h[1-6]|header|hr|"
+    r"li|main|nav|ol|p|pre|section|table|title|tr|ul)\b[^<>]*>", re.I)
+# A page: the document begins (after an optional XML declaration and comments) with one of these.
+_HTML_PAGE_START = re.compile(
+    r"\A\s*(?:<\?xml[^>]*>\s*)?(?:<!--.*?-->\s*)*<(?:!doctype\s+html|html|head|body)\b", re.I | re.S)
+# Contents of <pre>/<code> elements, which may hold escaped code with braces, ignored by the fragment rule.
+_HTML_CODE_ELEMENT = re.compile(r"<(pre|code)\b[^>]*>.*?</\1\s*>", re.S | re.I)
+MIN_FRAGMENT_TAGS = 3
+_LEADING_BLANK_LINES = re.compile(r"\A(?:[ \t\f\v]*(?:\r\n|\n|\r))+")
 _WORD = re.compile(r"\w+", re.U)
+# Shingle tokens: a run of word characters; one character of a script written without spaces (CJK, kana,
+# Thai, Lao, Khmer: there a "word" run would be a whole sentence); any other non-space character on its own
+# (punctuation, operators, emoji, maths). Words alone gave every document without word characters the
+# same empty shingle set, and made `a < b` and `a > b` identical.
+_UNSPACED = "\u0e00-\u0eff\u1780-\u17ff\u3040-\u30ff\u3400-\u4dbf\u4e00-\u9fff\uf900-\ufaff"
+_SHINGLE_TOKEN = re.compile(rf"[{_UNSPACED}]|[^\W{_UNSPACED}]+|[^\w\s]", re.U)
 MINHASH_SCHEME = "affine32"
 UNIQUE_WORD_WINDOW = 1000
 
@@ -51,26 +67,69 @@ class CleaningConfig:
     min_unique_word_fraction: float = 0.1    # distinct words / words per 1000 words, for documents of 50+
     dedup_exact: bool = True
     dedup_near: bool = True
-    near_dup_threshold: float = 0.8          # estimated Jaccard similarity of word 5-gram shingles
+    near_dup_threshold: float = 0.8          # estimated Jaccard similarity of token 5-gram shingles
     minhash_num_perm: int = 128
-    shingle_words: int = 5
+    shingle_words: int = 5                   # tokens per shingle (see shingle_tokens)
+    # Part of the datasets cache key of the cleaning step: bump it when the rules above change meaning, so
+    # a cache written by older rules is not reused (datasets fingerprints functions by name, not code).
+    rules_version: int = 2
 
 
-def _unescape_entities(match: re.Match) -> str:
+# The per-document steps, which a mixture may set per source (NAME=PATH@WEIGHT:strip_html=false,min_chars=0);
+# deduplication compares documents across sources, so its settings are global.
+PER_SOURCE_KEYS = ("unicode_normalization", "remove_control_chars", "strip_html", "min_chars", "max_chars",
+                   "max_duplicate_line_fraction", "min_unique_word_fraction")
+
+
+def looks_like_html(text: str) -> bool:
+    """Whether a document is HTML markup (stripped) rather than text or code that contains `<` (kept as is).
+
+    HTML is (a) a page: the document begins, after an optional XML declaration and comments, with
+    `<!DOCTYPE html`, `<html`, `<head` or `<body`; or (b) a markup fragment (forum posts, Stack Exchange
+    bodies): at least MIN_FRAGMENT_TAGS tags of known HTML elements, one of them a closing tag, every `<`
+    outside scripts and comments starts a tag, and the text between tags (<pre>/<code> contents aside) holds
+    no `{` or `}`. Code fails (b): JSX and templates have `{expressions}`, C++ and SQL have a stray `<`
+    (`a < b`, `vector<int>`), and a string like "<s>" is one tag. A code source whose files are whole HTML
+    pages is still treated as HTML: turn stripping off for that source (NAME=PATH:strip_html=false)."""
+    if "<" not in text:
+        return False
+    if _HTML_PAGE_START.match(text[:4096]):
+        return True
+    if text.count("<") < MIN_FRAGMENT_TAGS:
+        return False
+    body = _HTML_NON_TEXT.sub(" ", text)
+    tags = _HTML_TAG.findall(body)
+    if len(tags) < MIN_FRAGMENT_TAGS or not any(tag.startswith("</") for tag in tags):
+        return False
+    between = _HTML_TAG.sub(" ", _HTML_CODE_ELEMENT.sub(" ", body))
+    return not any(ch in between for ch in "<{}")
+
+
+def html_to_text(text: str) -> str:
+    """Text of an HTML document: scripts, styles, comments and tags removed (block elements end a line),
+    every entity decoded (after the tags are gone, so `&lt;b&gt;` becomes the text `<b>`), markup
+    indentation and runs of blank lines removed."""
     import html
 
-    return html.unescape(match.group(0))
+    text = _HTML_TAG.sub("", _HTML_BLOCK_TAG.sub("\n", _HTML_NON_TEXT.sub("", text)))
+    text = html.unescape(text)
+    text = re.sub(r"[ \t]*\n[ \t]*", "\n", text)
+    return re.sub(r"\n{3,}", "\n\n", text)
 
 
 def clean_text(text: str, config: CleaningConfig) -> tuple[str, str]:
-    """The cleaned text and "" or the reason the document is dropped."""
+    """The cleaned text and "" or the reason the document is dropped.
+
+    Only trailing whitespace and leading blank lines are removed: the first line's indentation is content
+    in code (`    def f(x):`) and in verse. HTML markup is removed only from documents that `looks_like_html`;
+    entities are decoded only there too, so code that writes "&lt;" keeps it."""
+    if config.strip_html and looks_like_html(text):
+        text = html_to_text(text)
     if config.unicode_normalization.lower() != "none":
         text = unicodedata.normalize(config.unicode_normalization.upper(), text)
     if config.remove_control_chars:
         text = _CONTROL.sub("", text)
-    if config.strip_html and "<" in text:
-        text = _HTML_ENTITY.sub(_unescape_entities, _HTML_TAG.sub("", text))
-    text = text.strip()
+    text = _LEADING_BLANK_LINES.sub("", text).rstrip()
     if len(text) < config.min_chars:
         return text, "too_short"
     if config.max_chars and len(text) > config.max_chars:
@@ -112,13 +171,18 @@ def content_hash(text: str) -> int:
     return int.from_bytes(hashlib.blake2b(text.encode("utf-8"), digest_size=8).digest(), "little", signed=True)
 
 
+def shingle_tokens(text: str) -> list[str]:
+    return _SHINGLE_TOKEN.findall(text.lower())
+
+
 def shingle_hashes(text: str, n: int) -> np.ndarray:
-    """32-bit hashes of the word n-grams of a document (CRC32: stable across processes and runs)."""
-    words = _WORD.findall(text.lower())
-    if len(words) <= n:
-        grams = [" ".join(words)]
+    """32-bit hashes of the token n-grams of a document (CRC32: stable across processes and runs); a
+    document of at most n tokens is one shingle."""
+    tokens = shingle_tokens(text)
+    if len(tokens) <= n:
+        grams = [" ".join(tokens)]
     else:
-        grams = [" ".join(words[i:i + n]) for i in range(len(words) - n + 1)]
+        grams = [" ".join(tokens[i:i + n]) for i in range(len(tokens) - n + 1)]
     return np.fromiter((zlib.crc32(g.encode("utf-8")) for g in grams), dtype=np.uint64, count=len(grams))
 
 
@@ -138,12 +202,14 @@ def minhash_signatures(texts: list[str], config: CleaningConfig) -> list[np.ndar
     return signatures
 
 
-def clean_batch(batch: dict, config: CleaningConfig) -> dict:
-    """`datasets.map` function: cleans texts of still-kept rows, adds `hash` and (if enabled) `minhash`."""
+def clean_batch(batch: dict, config: CleaningConfig, source_configs: dict | None = None) -> dict:
+    """`datasets.map` function: cleans texts of still-kept rows, adds `hash` and (if enabled) `minhash`.
+    `source_configs` maps a source name to its own per-document settings (default: `config`)."""
     texts, drops, hashes = [], [], []
-    for text, drop in zip(batch["text"], batch["drop"]):
+    source_configs = source_configs or {}
+    for text, drop, source in zip(batch["text"], batch["drop"], batch["source"]):
         if not drop:
-            text, drop = clean_text(text, config)
+            text, drop = clean_text(text, source_configs.get(source, config))
         texts.append(text)
         drops.append(drop)
         hashes.append(content_hash(text) if not drop else 0)

@@ -347,10 +347,17 @@ def prepare_pretrain_data(args: DataArguments, tokenizer, cache_dir: str | None 
     report.seconds["read"] = round(clock() - t0, 2)
 
     config = args.cleaning_config()
+    # Per-source overrides (NAME=PATH@WEIGHT:strip_html=false); validation files use the global settings.
+    source_configs = {s.name: s.cleaning_config(config) for s in specs if s.cleaning}
+    for spec in args.validation_files or []:
+        if SourceSpec.parse(spec).cleaning:
+            raise DataError(f"--validation_files '{spec}': per-source cleaning options apply to --sources only; "
+                            "validation files are cleaned with the global flags (e.g. --strip_html false)")
     started, t0 = time.time(), clock()
-    if any([config.unicode_normalization.lower() != "none", config.remove_control_chars, config.strip_html,
-            config.min_chars, config.max_chars, config.dedup_exact, config.dedup_near]):
-        cleaned = raw.map(clean_batch, batched=True, batch_size=512, num_proc=num_proc, fn_kwargs={"config": config},
+    if any([c.unicode_normalization.lower() != "none" or c.remove_control_chars or c.strip_html or c.min_chars
+            or c.max_chars or c.dedup_exact or c.dedup_near for c in [config, *source_configs.values()]]):
+        cleaned = raw.map(clean_batch, batched=True, batch_size=512, num_proc=num_proc,
+                          fn_kwargs={"config": config, "source_configs": source_configs},
                           load_from_cache_file=load_from_cache, desc="cleaning")
         report.cache["clean"] = _reused(cleaned, started)
         drops = _deduplicate(cleaned, config, cache_root, args.overwrite_cache)

@@ -7,10 +7,12 @@ no record has) are always errors, because dropping a whole file silently is neve
 """
 from __future__ import annotations
 
+import dataclasses
 import glob
 import json
 import logging
 import os
+import re
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -30,18 +32,29 @@ class DataError(UserError):
     """Bad input that the user must fix; the message names the file, line and field."""
 
 
+# Per-source cleaning options end a source spec: `:key=value,key=value`. Every option holds a `=`, which
+# neither a hub config (`name:config`) nor a Windows drive (`C:\\data`) does after its colon.
+_SOURCE_OPTIONS = re.compile(r":([\w.-]+=[^,:=@]*(?:,[\w.-]+=[^,:=@]*)*)$")
+_TRUE, _FALSE = {"true", "1", "yes", "on"}, {"false", "0", "no", "off"}
+
+
 @dataclass
 class SourceSpec:
-    """One entry of a mixture: where the text is and its sampling weight (relative token share)."""
+    """One entry of a mixture: where the text is, its sampling weight (relative token share) and the
+    cleaning settings it overrides (CleaningConfig fields, see lmtrain.data.cleaning.PER_SOURCE_KEYS)."""
 
     name: str
     location: str
     weight: float = 1.0
+    cleaning: dict = field(default_factory=dict)
 
     @classmethod
     def parse(cls, spec: str) -> "SourceSpec":
-        """`PATH`, `PATH@WEIGHT`, `NAME=PATH` or `NAME=PATH@WEIGHT` (PATH: file, glob, directory, hub name)."""
-        name, _, rest = spec.partition("=") if "=" in spec.split("@")[0] else ("", "", spec)
+        """`[NAME=]PATH[@WEIGHT][:key=value,...]` (PATH: file, glob, directory, hub name), e.g.
+        `code=data/code/*.parquet@0.1:strip_html=false,min_chars=0`."""
+        options = _SOURCE_OPTIONS.search(spec)
+        body = spec[:options.start()] if options else spec
+        name, _, rest = body.partition("=") if "=" in body.split("@")[0] else ("", "", body)
         location, _, weight = rest.rpartition("@") if "@" in rest else (rest, "", "1")
         try:
             weight_value = float(weight)
@@ -52,7 +65,39 @@ class SourceSpec:
         if not name:
             base = os.path.basename(location.rstrip("/").replace("*", "")) or location
             name = base.split(".")[0] or "source"
-        return cls(name=name, location=location, weight=weight_value)
+        cleaning = _parse_cleaning_options(spec, options.group(1)) if options else {}
+        return cls(name=name, location=location, weight=weight_value, cleaning=cleaning)
+
+    def cleaning_config(self, base):
+        """`base` (the global CleaningConfig) with this source's overrides."""
+        return dataclasses.replace(base, **self.cleaning) if self.cleaning else base
+
+
+def _parse_cleaning_options(spec: str, text: str) -> dict:
+    from lmtrain.data.cleaning import PER_SOURCE_KEYS, CleaningConfig
+
+    defaults = CleaningConfig()
+    options = {}
+    for item in text.split(","):
+        key, _, value = item.partition("=")
+        if key not in PER_SOURCE_KEYS:
+            raise DataError(f"source '{spec}': unknown cleaning option '{key}'; per-source options are "
+                            f"{', '.join(PER_SOURCE_KEYS)} (deduplication settings are global flags)")
+        kind = type(getattr(defaults, key))
+        try:
+            if kind is bool:
+                if value.lower() not in _TRUE | _FALSE:
+                    raise ValueError
+                parsed = value.lower() in _TRUE
+            else:
+                parsed = kind(value)
+        except ValueError:
+            expected = {bool: "true or false", int: "an integer", float: "a number"}.get(kind, "a string")
+            raise DataError(f"source '{spec}': cleaning option {key}={value!r} is not {expected}") from None
+        if key == "unicode_normalization" and parsed.lower() not in ("nfc", "nfkc", "none"):
+            raise DataError(f"source '{spec}': unicode_normalization must be NFC, NFKC or none")
+        options[key] = parsed
+    return options
 
 
 @dataclass
