@@ -94,7 +94,7 @@ def sample_texts(texts: Iterable[str], max_chars: int) -> Iterator[str]:
         total += len(text)
 
 
-def load_tokenizer(name_or_path: str, **kwargs):
+def load_tokenizer(name_or_path: str, what: str = "--tokenizer_name", **kwargs):
     """Any HF tokenizer directory or hub name.
 
     Label masks in this project are built from positions (where padding was added, which tokens are
@@ -105,7 +105,11 @@ def load_tokenizer(name_or_path: str, **kwargs):
     """
     from transformers import AutoTokenizer
 
-    tokenizer = AutoTokenizer.from_pretrained(name_or_path, **kwargs)
+    from lmtrain.locations import TOKENIZER_FILES, load_from
+
+    # A missing local path is one message, never a hub lookup (`what` names the flag it came from).
+    tokenizer = load_from(AutoTokenizer.from_pretrained, name_or_path, what, needs=TOKENIZER_FILES,
+                          kind="tokenizer", **kwargs)
     if tokenizer.eos_token_id is None:
         raise ValueError(f"tokenizer '{name_or_path}' defines no eos_token, so documents could not be separated; "
                          "set eos_token in its tokenizer_config.json")
