@@ -17,14 +17,15 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))  # importable from any 
 import torch  # noqa: E402
 
 from lmtrain.arguments import parse_arguments  # noqa: E402
-from lmtrain.errors import run_entry_point  # noqa: E402
+from lmtrain.errors import UserError, run_entry_point  # noqa: E402
 
 
 @dataclass
 class ExportArguments:
     model: str = field(metadata={"help": "Trained model directory (or hub name)."})
     output_dir: str = field(metadata={"help": "Where the exported model goes."})
-    dtype: str = field(default="bfloat16", metadata={"help": "bfloat16, float16 or float32."})
+    dtype: str = field(default="bfloat16", metadata={
+        "help": "bf16/bfloat16, fp16/float16/half, fp32/float32/float, or auto (as the weights were saved)."})
     adapter: str | None = field(default=None, metadata={"help": "A LoRA adapter directory to merge in."})
     max_shard_size: str = field(default="5GB", metadata={"help": "Safetensors shard size."})
     gguf: str | None = field(default=None, metadata={"help": "Also write this GGUF file for llama.cpp."})
@@ -33,35 +34,54 @@ class ExportArguments:
     gguf_type: str = field(default="bf16", metadata={"help": "GGUF tensor type: f32, f16, bf16, q8_0 or auto."})
 
 
+def check_output_dir(output_dir: str) -> None:
+    """Refuse, before any loading, an output path that save_pretrained would only log an error about."""
+    path = Path(output_dir)
+    if path.exists() and not path.is_dir():
+        raise UserError(f"--output_dir {output_dir} is a file: give a directory (it is created if missing)")
+    parent = next((p for p in path.absolute().parents if p.exists()), None)
+    if parent is not None and not parent.is_dir():
+        raise UserError(f"--output_dir {output_dir}: {parent} is a file, so the directory cannot be created")
+
+
 def main(argv=None):
     from transformers import AutoModelForCausalLM
 
+    from lmtrain.locations import check_adapter_location, check_model_location, load_from, parse_dtype
     from lmtrain.modeling import generation_config_for
     from lmtrain.tokenizer import load_tokenizer
 
     (args,) = parse_arguments([ExportArguments], argv)
-    if args.dtype not in ("bfloat16", "float16", "float32"):
-        raise SystemExit(f"--dtype must be bfloat16, float16 or float32, not {args.dtype}")
+    dtype = parse_dtype(args.dtype)  # "auto": keep the dtype the weights were saved in
+    check_output_dir(args.output_dir)
+    check_model_location(args.model, "--model")
+    if args.adapter:
+        check_adapter_location(args.adapter, "--adapter")
     if args.gguf:
         from lmtrain.gguf import check_llama_cpp_dir
 
         try:
             check_llama_cpp_dir(args.llama_cpp_dir)  # before the export, not after it
         except FileNotFoundError as error:
-            raise SystemExit(f"--gguf: {error}") from None
-    tokenizer = load_tokenizer(args.adapter if args.adapter and Path(args.adapter, "tokenizer_config.json").exists()
-                               else args.model)
-    model = AutoModelForCausalLM.from_pretrained(args.model, dtype=torch.float32)
+            raise UserError(f"--gguf: {error}") from None
+    tokenizer_source = (args.adapter if args.adapter and Path(args.adapter, "tokenizer_config.json").exists()
+                        else args.model)
+    tokenizer = load_tokenizer(tokenizer_source, what="--adapter" if tokenizer_source == args.adapter else "--model")
+    # float32 for a merge (the LoRA delta is added at full precision), then the requested dtype
+    model = load_from(AutoModelForCausalLM.from_pretrained, args.model, "--model",
+                      dtype=torch.float32 if args.adapter or dtype != "auto" else "auto")
     if args.adapter:
         from peft import PeftModel
 
         model = PeftModel.from_pretrained(model, args.adapter).merge_and_unload()
-    model = model.to(getattr(torch, args.dtype))
+    if dtype != "auto":
+        model = model.to(dtype)
     model.config.use_cache = True
     model.generation_config = generation_config_for(tokenizer, model.generation_config)
     model.save_pretrained(args.output_dir, max_shard_size=args.max_shard_size)
     tokenizer.save_pretrained(args.output_dir)
-    print(f"exported {sum(p.numel() for p in model.parameters()) / 1e6:.2f}M parameters as {args.dtype} "
+    saved_as = str(next(model.parameters()).dtype).removeprefix("torch.")
+    print(f"exported {sum(p.numel() for p in model.parameters()) / 1e6:.2f}M parameters as {saved_as} "
           f"to {args.output_dir}")
     if args.gguf:
         from lmtrain.gguf import convert_to_gguf

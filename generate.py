@@ -5,7 +5,10 @@
     python generate.py --model outputs/demo/sft --prompts_file prompts.jsonl --output_file outputs.jsonl
     python generate.py --model outputs/demo/sft --interactive          # chat in the terminal, keeps history
 
-Generation stops at the end-of-text token and, for chat models, at the end-of-turn token.
+Generation stops at the end-of-text token and, for chat models, at the end-of-turn token. `--do_sample false`
+is plain greedy decoding (no repetition penalty unless --repetition_penalty is given): the answers
+evaluate.py scores and the samples logged during training. In --interactive, an empty line, `exit`, `quit`,
+Ctrl-D or Ctrl-C leaves; Ctrl-C while an answer is written stops that answer.
 """
 from __future__ import annotations
 
@@ -17,49 +20,74 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # importable from any working directory
 
 from lmtrain.arguments import parse_arguments  # noqa: E402
-from lmtrain.generation import (SamplingArguments, chat_loop, diversity, generate_file, generate_texts,  # noqa: E402
-                                load_for_inference)
 from lmtrain.errors import run_entry_point  # noqa: E402
+from lmtrain.generation import (SamplingArguments, chat_loop, diversity, generate_texts,  # noqa: E402
+                                load_for_inference, read_prompts, write_generations)
+from lmtrain.locations import parse_dtype  # noqa: E402
 
 
 @dataclass
 class GenerateArguments:
-    model: str = field(default="outputs/demo/pretrain", metadata={"help": "HF model directory or hub name."})
+    model: str = field(default="outputs/demo/pretrain", metadata={
+        "help": "HF model directory (a LoRA adapter directory too) or hub name."})
     # "extend": `--prompt A --prompt B` (as in the docstring) keeps both; a plain list flag keeps only B.
     prompt: list[str] | None = field(default=None, metadata={
-        "help": "Prompt(s) to complete: --prompt A B or --prompt A --prompt B.", "action": "extend"})
+        "help": "Prompt(s) to complete: --prompt A B or --prompt A --prompt B. An empty prompt starts a new "
+                "document (from the end-of-text token).", "action": "extend"})
     prompts_file: str | None = field(default=None, metadata={"help": "jsonl with a 'prompt' field per line."})
-    output_file: str | None = field(default=None, metadata={"help": "Where --prompts_file results go (jsonl)."})
+    output_file: str | None = field(default=None, metadata={
+        "help": "jsonl of the results (prompt and output per line), for --prompt or --prompts_file "
+                "(default for --prompts_file: PROMPTS.out.jsonl)."})
     chat_template: bool = field(default=False, metadata={"help": "Wrap prompts as a user turn (chat models)."})
     interactive: bool = field(default=False, metadata={"help": "Interactive chat in the terminal."})
     system: str | None = field(default=None, metadata={"help": "System prompt for --interactive."})
     stream: bool = field(default=False, metadata={"help": "Print tokens as they are generated."})
     batch_size: int = field(default=8, metadata={"help": "Prompts generated together."})
-    dtype: str = field(default="auto", metadata={"help": "auto, bfloat16 or float32."})
+    dtype: str = field(default="auto", metadata={
+        "help": "auto (as saved), bf16/bfloat16, fp16/float16/half or fp32/float32/float."})
+
+    def __post_init__(self):
+        if self.prompt and self.prompts_file:
+            raise ValueError("give --prompt or --prompts_file, not both")
+        if self.interactive and (self.prompt or self.prompts_file or self.output_file):
+            raise ValueError("--interactive reads the prompts from the terminal: drop --prompt, --prompts_file "
+                             "and --output_file")
+        if self.batch_size < 1:
+            raise ValueError(f"--batch_size must be at least 1, not {self.batch_size}")
+        if self.output_file and Path(self.output_file).is_dir():
+            raise ValueError(f"--output_file {self.output_file} is a directory: give a .jsonl file name")
 
 
 def main(argv=None):
     args, sampling = parse_arguments([GenerateArguments, SamplingArguments], argv)
+    parse_dtype(args.dtype)  # a bad spelling is refused before the model loads
+    records = read_prompts(args.prompts_file) if args.prompts_file else None  # so is an empty file
     model, tokenizer = load_for_inference(args.model, args.dtype)
     if args.interactive:
         return chat_loop(model, tokenizer, sampling, args.system)
-    if args.prompts_file:
+    if records is not None:
         output = args.output_file or str(Path(args.prompts_file).with_suffix(".out.jsonl"))
-        count = generate_file(model, tokenizer, args.prompts_file, output, sampling, args.chat_template,
-                              batch_size=args.batch_size)
-        print(f"wrote {count} generations to {output}")
+        completions = generate_texts(model, tokenizer, [r["prompt"] for r in records], sampling,
+                                     args.chat_template, batch_size=args.batch_size)
+        print(f"wrote {write_generations(records, completions, output)} generations to {output}")
         return output
     prompts = args.prompt or ["ROMEO."]
-    streamer = None
-    if args.stream:
+    if args.stream:  # one prompt at a time, each under the same header as the non-streaming output
         from transformers import TextStreamer
 
-        streamer = TextStreamer(tokenizer, skip_prompt=True, skip_special_tokens=True)
-    texts = generate_texts(model, tokenizer, prompts, sampling, args.chat_template,
-                           batch_size=1 if args.stream else args.batch_size, streamer=streamer)
-    if not args.stream:
+        texts = []
+        for prompt in prompts:
+            print(f"=== {prompt}\n{prompt if not args.chat_template else ''}", end="", flush=True)
+            streamer = TextStreamer(tokenizer, skip_prompt=True, skip_special_tokens=True)
+            texts += generate_texts(model, tokenizer, [prompt], sampling, args.chat_template, streamer=streamer)
+            print()
+    else:
+        texts = generate_texts(model, tokenizer, prompts, sampling, args.chat_template, batch_size=args.batch_size)
         for prompt, text in zip(prompts, texts):
             print(f"=== {prompt}\n{prompt if not args.chat_template else ''}{text}\n")
+    if args.output_file:
+        write_generations([{"prompt": p} for p in prompts], texts, args.output_file)
+        print(f"wrote {len(texts)} generations to {args.output_file}")
     print(json.dumps({"diversity": diversity(texts, tokenizer)}))
     return texts
 

@@ -3,13 +3,16 @@ document length), and exact-match accuracy on chat tasks with known answers."""
 from __future__ import annotations
 
 import json
+import logging
 import math
 from collections import defaultdict
 from pathlib import Path
 
 import torch
 
-from lmtrain.data.sources import ReadStats, SourceSpec, read_file, resolve_source_files
+from lmtrain.data.sources import DataError, ReadStats, SourceSpec, read_file, resolve_source_files
+
+logger = logging.getLogger(__name__)
 
 LENGTH_BUCKETS = [(0, 1_000, "<1k chars"), (1_000, 4_000, "1k-4k"), (4_000, 16_000, "4k-16k"),
                   (16_000, float("inf"), ">=16k")]
@@ -45,12 +48,20 @@ def document_nll(model, tokenizer, text: str, max_length: int) -> tuple[float, i
 
 def evaluate_text(model, tokenizer, sources: list[str], text_field: str = "text", max_length: int = 1024,
                   max_documents: int | None = None) -> dict:
-    """Loss per token, perplexity and bits per byte, overall, per source and per length bucket."""
+    """Loss per token, perplexity and bits per byte, overall, per source and per length bucket.
+
+    A source with no document is skipped with a warning when others have some; no document at all is an
+    error (an empty table would read as a result)."""
     groups = defaultdict(lambda: {"nll": 0.0, "tokens": 0, "bytes": 0, "documents": 0})
+    empty = []
     for spec in map(SourceSpec.parse, sources):
         stats = ReadStats()
         documents = 0
-        for path in resolve_source_files(spec) or []:
+        files = resolve_source_files(spec)
+        if files is None:
+            raise DataError(f"--eval_files: '{spec.location}' is not a local file, glob or directory (held-out "
+                            f"text is read from files: jsonl with a '{text_field}' field, json, parquet or txt)")
+        for path in files:
             for text in read_file(path, text_field, "file", stats, strict=False):
                 if max_documents and documents >= max_documents:
                     break
@@ -63,6 +74,15 @@ def evaluate_text(model, tokenizer, sources: list[str], text_field: str = "text"
                     group["bytes"] += size
                     group["documents"] += 1
                 documents += 1
+        if sum(stats.dropped.values()):
+            logger.warning("source '%s': skipped records %s", spec.name, dict(stats.dropped))
+        if not documents:
+            empty.append(f"'{spec.name}' ({', '.join(files)})")
+            logger.warning("source '%s' (%s) has no documents with text in field '%s': skipped", spec.name,
+                           ", ".join(files), text_field)
+    if not groups:
+        raise DataError(f"--eval_files: no documents to score in {'; '.join(empty)}: the files are empty or have "
+                        f"no text in field '{text_field}' (set --text_field)")
     results = {}
     for key, group in groups.items():
         loss = group["nll"] / max(1, group["tokens"])
@@ -72,16 +92,73 @@ def evaluate_text(model, tokenizer, sources: list[str], text_field: str = "text"
     return results
 
 
+CHAT_EVAL_FORMATS = ("{'messages': [...prompt...], 'answer': str, 'task': optional str}, or a training record "
+                     "(OpenAI 'messages', ShareGPT 'conversations', Alpaca 'instruction'/'output') whose last "
+                     "message is the assistant's answer")
+
+
+def chat_eval_record(record, where: str) -> dict:
+    """One held-out chat task as {"messages" (the prompt), "answer", other fields kept}.
+
+    Besides the evaluation format ({messages, answer, task}), a record in any SFT training format counts:
+    the messages before its last one (the assistant's) are the prompt, that message's content the answer,
+    so a held-out split of the training data scores as it is."""
+    from lmtrain.data.sft import to_messages
+
+    if not isinstance(record, dict):
+        raise DataError(f"{where}: expected a JSON object, got a {type(record).__name__}; each line is "
+                        f"{CHAT_EVAL_FORMATS}")
+    if "answer" in record:
+        messages = record.get("messages")
+        if messages is None and isinstance(record.get("prompt"), str):
+            messages = [{"role": "user", "content": record["prompt"]}]
+        if not isinstance(record["answer"], str):
+            raise DataError(f"{where}: field 'answer' must be a string, not {type(record['answer']).__name__}")
+        if not (isinstance(messages, list) and messages and all(
+                isinstance(m, dict) and isinstance(m.get("role"), str) and isinstance(m.get("content"), str)
+                for m in messages)):
+            raise DataError(f"{where}: with an 'answer', field 'messages' must be a non-empty list of "
+                            f"{{'role', 'content'}} objects (or give a string 'prompt')")
+        return {**record, "messages": messages}
+    if not any(key in record for key in ("messages", "conversations", "instruction")):
+        raise DataError(f"{where}: found fields {sorted(record)}; expected {CHAT_EVAL_FORMATS}")
+    messages = to_messages(record, where)
+    if len(messages) < 2 or messages[-1]["role"] != "assistant":
+        last = messages[-1]["role"] if messages else "none"
+        raise DataError(f"{where}: without an 'answer' field the last message must be the assistant's answer, "
+                        f"after at least one prompt message (last role: {last}); expected {CHAT_EVAL_FORMATS}")
+    if not isinstance(messages[-1]["content"], str):
+        raise DataError(f"{where}: the assistant's answer must be a string")
+    kept = {k: v for k, v in record.items() if k not in ("messages", "conversations", "instruction", "input",
+                                                           "output", "system")}
+    return {**kept, "messages": messages[:-1], "answer": messages[-1]["content"]}
+
+
 def load_chat_eval(eval_file: str) -> list[dict]:
-    """Held-out chat prompts with known answers: {"messages", "answer", "task"} per jsonl line."""
-    return [json.loads(line) for line in Path(eval_file).read_text(encoding="utf-8").splitlines() if line.strip()]
+    """Held-out chat prompts with known answers, one record per jsonl line (see `chat_eval_record`)."""
+    path = Path(eval_file)
+    if not path.is_file():
+        raise DataError(f"--sft_eval_file: no such file: {eval_file}")
+    records = []
+    for line_number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1):
+        if not line.strip():
+            continue
+        where = f"{eval_file}:{line_number}"
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError as err:
+            raise DataError(f"{where}: malformed JSON ({err.msg}, column {err.colno})") from None
+        records.append(chat_eval_record(record, where))
+    if not records:
+        raise DataError(f"--sft_eval_file {eval_file} holds no records; each line is {CHAT_EVAL_FORMATS}")
+    return records
 
 
 def greedy_chat_answers(model, tokenizer, records: list[dict], max_new_tokens: int = 32,
                         batch_size: int = 16) -> list[tuple[str, bool]]:
     """(answer, stopped) per record, in order: the greedy reply through the chat template, whitespace-stripped,
     and whether it ended with an end-of-text / end-of-turn token rather than at max_new_tokens."""
-    from lmtrain.generation import stop_token_ids
+    from lmtrain.generation import greedy_kwargs, stop_token_ids
 
     stop_ids = stop_token_ids(model, tokenizer)
     tokenizer.padding_side = "left"
@@ -92,7 +169,7 @@ def greedy_chat_answers(model, tokenizer, records: list[dict], max_new_tokens: i
                    for r in batch]
         encoded = tokenizer(prompts, return_tensors="pt", padding=True, add_special_tokens=False).to(model.device)
         with torch.inference_mode():
-            generated = model.generate(**encoded, max_new_tokens=max_new_tokens, do_sample=False,
+            generated = model.generate(**encoded, **greedy_kwargs(max_new_tokens),
                                        eos_token_id=stop_ids, pad_token_id=tokenizer.pad_token_id)
         answers += [(tokenizer.decode(row, skip_special_tokens=True).strip(), any(t in stop_ids for t in row))
                     for row in generated[:, encoded["input_ids"].shape[1]:].tolist()]

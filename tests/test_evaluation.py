@@ -16,6 +16,7 @@ import evaluate
 import generate
 import plot
 import pretrain
+from lmtrain.errors import UserError
 from lmtrain.evaluation import evaluate_text, exact_match
 from lmtrain.generation import SamplingArguments, diversity, generate_file, generate_texts
 from lmtrain.modeling import resolve_config
@@ -293,7 +294,7 @@ def test_evaluate_command_line_writes_results(juliet_model_dir, tokenizer, tmp_p
     assert saved["text"]["source:held"]["tokens"] == sum(len(tokenizer(t).input_ids) for t in texts)
     assert saved["text"]["source:held"]["bytes"] == sum(len(t.encode("utf-8")) for t in texts)
     assert saved["exact_match"]["accuracy"] == pytest.approx(2 / 3) and saved["exact_match"]["stop_rate"] == 1.0
-    with pytest.raises(SystemExit):
+    with pytest.raises(UserError, match="nothing to evaluate"):
         evaluate.main(["--model", str(model_dir)])  # nothing to evaluate on
 
 
