@@ -29,7 +29,7 @@ from transformers import set_seed  # noqa: E402
 
 from lmtrain.arguments import (LoraArguments, ModelArguments, SFTDataArguments, SFTTrainArguments,  # noqa: E402
                                parse_arguments, save_resolved_config)
-from lmtrain.data.sft import prepare_sft_data  # noqa: E402
+from lmtrain.data.sft import limit_rows, prepare_sft_data  # noqa: E402
 from lmtrain.lora import apply_lora, save_lora_model  # noqa: E402
 from lmtrain.modeling import build_model  # noqa: E402
 from lmtrain.tokenizer import load_tokenizer  # noqa: E402
@@ -54,14 +54,13 @@ def main(argv=None):
     tokenizer = load_tokenizer(model_args.tokenizer_name or model_args.model_name_or_path or "outputs/tokenizer",
                                cache_dir=model_args.cache_dir, revision=model_args.model_revision)
     with training_args.main_process_first(desc="preparing SFT data"):
-        data, report = prepare_sft_data(data_args, tokenizer)
+        data, report = prepare_sft_data(data_args, tokenizer, evaluate=training_args.eval_strategy != "no")
     if training_args.process_index == 0:
         os.makedirs(training_args.output_dir, exist_ok=True)
         Path(training_args.output_dir, "data_report.json").write_text(json.dumps(report, indent=2))
-    train = data["train"].select(range(min(len(data["train"]), data_args.max_train_samples or len(data["train"]))))
-    validation = data.get("validation")
-    if validation is not None and data_args.max_eval_samples:
-        validation = validation.select(range(min(len(validation), data_args.max_eval_samples)))
+    # A seeded random subset, not the first rows: packed rows come longest samples first.
+    train = limit_rows(data["train"], data_args.max_train_samples, data_args.prepare_seed)
+    validation = limit_rows(data.get("validation"), data_args.max_eval_samples, data_args.prepare_seed)
 
     model = build_model(model_args, tokenizer)
     if lora_args.use_lora:

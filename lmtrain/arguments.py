@@ -352,19 +352,27 @@ class SFTDataArguments:
                 "ShareGPT 'conversations' or Alpaca 'instruction'/'input'/'output' records."})
     validation_files: list[str] | None = field(default=None, metadata={"help": "Held-out SFT files."})
     validation_split_percentage: float = field(default=2.0, metadata={
-        "help": "Percent of samples held out when no --validation_files (split before packing)."})
+        "help": "Percent of samples held out when no --validation_files (split before packing, seeded). "
+                "When evaluation is on and this holds out no sample, one is held out; at 0 it is refused."})
     max_length: int = field(default=1024, metadata={
         "help": "Tokens per sample (and per packed row). Longer samples: oldest rounds dropped, then the "
-                "prompt cut from the left if the answer fits, else the answer's tail cut."})
+                "prompt cut from the left if the last answer fits whole, else the prompt's last "
+                "min(prompt, max_length // 2) tokens kept and the rest filled with the answer's head "
+                "(its tail cut). Truncated samples are counted, never dropped."})
     packing: bool = field(default=True, metadata={
         "help": "Pack whole samples into max_length rows (positions restart per sample, no cross-attention)."})
     padding_free: bool = field(default=False, metadata={
         "help": "Without packing: concatenate each batch into one row instead of padding it."})
     train_on_prompt: bool = field(default=False, metadata={"help": "Also take loss on system/user tokens."})
-    lenient: bool = field(default=True, metadata={"help": "Drop and count bad records instead of stopping."})
+    lenient: bool = field(default=True, metadata={
+        "help": "Drop and count bad records (malformed JSON, bad format, unknown role, non-string content, no "
+                "assistant turn, a turn order the template rejects, nothing trainable) instead of stopping; "
+                "with false each is an error naming file:line. Truncation is never an error."})
     prepare_seed: int = field(default=1234, metadata={"help": "Seed for the validation split."})
-    max_train_samples: int | None = field(default=None, metadata={"help": "Use at most this many train rows."})
-    max_eval_samples: int | None = field(default=None, metadata={"help": "Use at most this many eval rows."})
+    max_train_samples: int | None = field(default=None, metadata={
+        "help": "Use at most this many train rows (a seeded random subset, --prepare_seed)."})
+    max_eval_samples: int | None = field(default=None, metadata={
+        "help": "Use at most this many eval rows (a seeded random subset: packed rows come longest first)."})
 
     def __post_init__(self):
         if self.packing and self.padding_free:
