@@ -30,7 +30,8 @@ from lmtrain.arguments import DataArguments, ModelArguments, TrainArguments, par
 from lmtrain.data.loading import load_pretrain_data  # noqa: E402
 from lmtrain.modeling import build_model  # noqa: E402
 from lmtrain.tokenizer import load_tokenizer  # noqa: E402
-from lmtrain.training import build_trainer, final_metrics, resolve_resume, save_final_model  # noqa: E402
+from lmtrain.training import (build_trainer, completed_run, end_of_training, final_metrics,  # noqa: E402
+                              mark_run_complete, resolve_resume, run_training, save_final_model)
 from lmtrain.errors import run_entry_point  # noqa: E402
 
 logger = logging.getLogger("pretrain")
@@ -40,6 +41,9 @@ def main(argv=None):
     model_args, data_args, training_args = parse_arguments([ModelArguments, DataArguments, TrainArguments], argv)
     logging.basicConfig(level=logging.INFO if training_args.process_index == 0 else logging.WARNING,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s", force=True)
+    finished = completed_run(training_args)  # a requeued finished run: change nothing
+    if finished is not None:
+        return None, finished.get("metrics", {})
     resume_from = resolve_resume(training_args)
     set_seed(training_args.seed)  # before the model is built: its random init must repeat across runs
     if training_args.process_index == 0:
@@ -55,10 +59,14 @@ def main(argv=None):
 
     trainer = build_trainer(model, tokenizer, training_args, data.train, data.validation,
                             eval_bytes_per_token=data.validation_bytes_per_token, tokens_per_sample=data.block_size)
-    result = trainer.train(resume_from_checkpoint=resume_from)
+    result = run_training(trainer, resume_from)
+    ended = end_of_training(trainer)
+    if ended == "stopped":  # planned stop or interruption: a checkpoint, no final model
+        return trainer, dict(result.metrics)
     metrics = final_metrics(trainer, result, data.validation is not None and training_args.eval_strategy != "no")
     trainer.save_state()
     save_final_model(trainer, training_args.output_dir)
+    mark_run_complete(trainer, metrics, ended)  # last: its presence means the run is done
     return trainer, metrics
 
 

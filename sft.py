@@ -33,8 +33,9 @@ from lmtrain.data.sft import limit_rows, prepare_sft_data  # noqa: E402
 from lmtrain.lora import apply_lora, save_lora_model  # noqa: E402
 from lmtrain.modeling import build_model  # noqa: E402
 from lmtrain.tokenizer import load_tokenizer  # noqa: E402
-from lmtrain.training import (PadToLongestCollator, build_trainer, collate_packed_blocks, final_metrics,  # noqa: E402
-                              resolve_resume, save_final_model)
+from lmtrain.training import (PadToLongestCollator, build_trainer, collate_packed_blocks,  # noqa: E402
+                              completed_run, end_of_training, final_metrics, mark_run_complete,
+                              resolve_resume, run_training, save_final_model)
 from lmtrain.errors import run_entry_point  # noqa: E402
 
 logger = logging.getLogger("sft")
@@ -45,6 +46,9 @@ def main(argv=None):
         [ModelArguments, SFTDataArguments, LoraArguments, SFTTrainArguments], argv)
     logging.basicConfig(level=logging.INFO if training_args.process_index == 0 else logging.WARNING,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s", force=True)
+    finished = completed_run(training_args)  # a requeued finished run: change nothing
+    if finished is not None:
+        return None, finished.get("metrics", {})
     resume_from = resolve_resume(training_args)
     set_seed(training_args.seed)
     if training_args.process_index == 0:
@@ -69,13 +73,17 @@ def main(argv=None):
     collator = collate_packed_blocks if data_args.packing else PadToLongestCollator(pad_id, data_args.padding_free)
     trainer = build_trainer(model, tokenizer, training_args, train, validation, data_collator=collator,
                             tokens_per_sample=data_args.max_length if data_args.packing else None)
-    result = trainer.train(resume_from_checkpoint=resume_from)
+    result = run_training(trainer, resume_from)
+    ended = end_of_training(trainer)
+    if ended == "stopped":  # planned stop or interruption: a checkpoint, no final model
+        return trainer, dict(result.metrics)
     metrics = final_metrics(trainer, result, validation is not None and training_args.eval_strategy != "no")
     trainer.save_state()
     if lora_args.use_lora:
         save_lora_model(trainer, training_args.output_dir, merge=lora_args.merge_lora)
     else:
         save_final_model(trainer, training_args.output_dir)
+    mark_run_complete(trainer, metrics, ended)  # last: its presence means the run is done
     return trainer, metrics
 
 

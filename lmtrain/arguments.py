@@ -143,7 +143,8 @@ class TrainArguments(TrainingArguments):
 
     output_dir: str = field(default="outputs/run", metadata={"help": "Checkpoints, logs and the final model."})
     overwrite_output_dir: bool = field(default=False, metadata={
-        "help": "Allow training into a non-empty output_dir that holds no checkpoint (its files are kept)."})
+        "help": "Start fresh: never resume from output_dir's checkpoints; they are deleted (with a log line), "
+                "other files are kept or overwritten. Without it a run resumes from its newest checkpoint."})
     logging_dir: str | None = field(default=None, metadata={"help": "TensorBoard log directory."})
     min_lr_ratio: float = field(default=0.1, metadata={"help": "Cosine decay ends at learning_rate * this."})
     lr_scheduler_type: str = field(default="cosine_with_min_lr", metadata={"help": "LR schedule after warmup."})
@@ -160,7 +161,9 @@ class TrainArguments(TrainingArguments):
         "help": "Stop when the validation loss has not improved for this many evaluations (the best "
                 "checkpoint is kept and loaded at the end)."})
     stop_after_steps: int | None = field(default=None, metadata={
-        "help": "Planned stop: save a checkpoint and exit after this global step; rerun to resume."})
+        "help": "Planned stop for time-boxed jobs: make this many optimizer steps (counted from the step the "
+                "run resumed at), save a checkpoint and exit 0 without writing the final model; rerunning the "
+                "same command continues, and the run that reaches max_steps writes the final model."})
     plot_curves: bool = field(default=True, metadata={"help": "Write training_curves.png at the end."})
     peak_tflops: float | None = field(default=None, metadata={
         "help": "Per-device dense bf16 peak for the MFU estimate (default: known GPUs, e.g. 989 for H100)."})
@@ -172,6 +175,8 @@ class TrainArguments(TrainingArguments):
             self.report_to = [name.strip() for name in self.report_to.split(",") if name.strip()]
         if self.logging_dir:
             os.environ.setdefault("TENSORBOARD_LOGGING_DIR", self.logging_dir)
+        if self.stop_after_steps is not None and self.stop_after_steps < 1:
+            raise ValueError(f"--stop_after_steps {self.stop_after_steps}: must be at least 1")
         evaluating = str(self.eval_strategy) not in ("no", "IntervalStrategy.NO")
         if self.early_stopping_patience:
             if not evaluating:
@@ -246,8 +251,11 @@ def _config_defaults(parser: HfArgumentParser, values: dict, path: str) -> dict:
             value = ",".join(str(v) for v in value) or "none"
         if value is not None and not isinstance(value, (str, list, dict)) and action.type is not None:
             value = str(value)  # numbers and booleans: converted by the option's own type, as a flag would be
-        if isinstance(value, list) and action.type is not None:
-            value = [action.type(str(v)) for v in value]
+        try:
+            if isinstance(value, list) and action.type is not None:
+                value = [action.type(str(v)) for v in value]
+        except (TypeError, ValueError) as error:
+            raise UserError(f"config file {path}: {key}: {error}") from error
         defaults[key] = value
     if unknown:
         import difflib

@@ -1,7 +1,9 @@
 """Training callbacks: throughput / MFU / memory figures for the logs, and curve plots at the end."""
 from __future__ import annotations
 
+import json
 import logging
+import shutil
 import time
 from pathlib import Path
 
@@ -85,12 +87,67 @@ class CurvePlotCallback(TrainerCallback):
 
 
 class PlannedStopCallback(TrainerCallback):
-    """--stop_after_steps N: checkpoint and stop at step N (time-boxed jobs; resume by rerunning)."""
+    """--stop_after_steps N, for time-boxed jobs: N optimizer steps of progress per run, counted from the step
+    the run resumed at, then a checkpoint and a stop; rerunning the same command continues.
 
-    def __init__(self, stop_after_steps: int):
+    A planned stop between two regular saves writes an extra checkpoint, marked with PLANNED_STOP_FILE. It
+    does not count against save_total_limit: the limit is raised by one for the saves that would otherwise
+    rotate a regular checkpoint out because of it, and the marked checkpoint is deleted once a later one is
+    complete (never before, so there is always a checkpoint to resume from)."""
+
+    PLANNED_STOP_FILE = "planned_stop.json"
+
+    def __init__(self, stop_after_steps: int | None):
         self.stop_after_steps = stop_after_steps
+        self.stop_at = None
+        self.stopped_at = None       # the step of this run's planned stop, for the entry script's final message
+        self._extra_save = False     # this save is the planned stop's own, not a regular one
+        self._limit_raised = 0
+        self._superseded = []
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        self.stopped_at = None
+        self.stop_at = state.global_step + self.stop_after_steps if self.stop_after_steps else None
+
+    def _planned_checkpoints(self, output_dir: str, before_step: int, best: str | None) -> list[Path]:
+        found = []
+        for marker in Path(output_dir).glob(f"checkpoint-*/{self.PLANNED_STOP_FILE}"):
+            path, suffix = marker.parent, marker.parent.name.split("-")[-1]
+            if suffix.isdigit() and int(suffix) < before_step and (best is None or Path(best) != path):
+                found.append(path)
+        return found
 
     def on_step_end(self, args, state, control, **kwargs):
-        if state.global_step >= self.stop_after_steps:
-            control.should_save = True
+        # The run's own end (max_steps) already set should_training_stop: that is no planned stop.
+        if self.stop_at is not None and state.global_step >= self.stop_at and not control.should_training_stop:
+            self.stopped_at = state.global_step
             control.should_training_stop = True
+            if not control.should_save:
+                control.should_save, self._extra_save = True, True
+        self._before_save(args, state, control)
+
+    def on_epoch_end(self, args, state, control, **kwargs):
+        self._before_save(args, state, control)  # save_strategy epoch saves here, not at a step end
+
+    def _before_save(self, args, state, control):
+        if not control.should_save or self._limit_raised:
+            return
+        self._superseded = self._planned_checkpoints(args.output_dir, state.global_step, state.best_model_checkpoint)
+        extra = len(self._superseded) + int(self._extra_save)
+        if extra and args.save_total_limit and args.save_total_limit > 0:
+            args.save_total_limit += extra
+            self._limit_raised = extra
+
+    def on_save(self, args, state, control, **kwargs):
+        if self._limit_raised:
+            args.save_total_limit -= self._limit_raised
+            self._limit_raised = 0
+        if state.is_world_process_zero:
+            checkpoint = Path(args.output_dir) / f"checkpoint-{state.global_step}"
+            if self._extra_save and checkpoint.is_dir():
+                (checkpoint / self.PLANNED_STOP_FILE).write_text(json.dumps({"step": state.global_step}))
+            for path in self._superseded:
+                shutil.rmtree(path, ignore_errors=True)
+                logger.info("deleted %s, the checkpoint of a planned stop, now that %s is saved", path.name,
+                            checkpoint.name)
+        self._extra_save, self._superseded = False, []
