@@ -84,14 +84,93 @@ def train_bpe_tokenizer(texts: Iterable[str], vocab_size: int = 8192, min_freque
 
 
 def sample_texts(texts: Iterable[str], max_chars: int) -> Iterator[str]:
-    """The first `max_chars` characters of a text stream (0: all): BPE merges converge long before a full
-    web corpus has been seen, and training time and memory grow with the sample."""
+    """The first documents of ONE text stream, until `max_chars` characters (0: all). Chained over several
+    sources this would never reach the later ones: data_prep/train_tokenizer.py uses `sample_sources`."""
     total = 0
     for text in texts:
         if max_chars and total >= max_chars:
             return
         yield text
         total += len(text)
+
+
+# Sampling unit: documents longer than this are cut (at a line break or space where one is near) so that one
+# book cannot fill a source's share, and the share can be met to the character.
+SAMPLE_PIECE_CHARS = 20_000
+
+
+def split_text(text: str, max_chars: int = SAMPLE_PIECE_CHARS) -> Iterator[str]:
+    """`text` in pieces of at most `max_chars` characters, cut after the last line break (else space) of the
+    window's second half, so few words are cut in two (BPE sees a cut word as two words)."""
+    start = 0
+    while len(text) - start > max_chars:
+        window = text[start:start + max_chars]
+        cut = window.rfind("\n", max_chars // 2) + 1 or window.rfind(" ", max_chars // 2) + 1 or max_chars
+        yield window[:cut]
+        start += cut
+    if start < len(text):
+        yield text[start:]
+
+
+def sample_pieces(texts: Iterable[str], max_chars: int, rng) -> tuple[list[str], dict]:
+    """A uniform random subset of a source's pieces (`split_text`) holding exactly `max_chars` characters
+    (all of them when the source is smaller; 0: all), in source order, and what was seen and taken.
+
+    One streaming pass: each piece gets a random key and the pieces with the smallest keys are kept, just
+    enough to reach `max_chars` (the last one is cut). Memory holds the sample, never the whole source."""
+    import heapq
+
+    heap: list = []  # (-key, position, piece): heap[0] is the kept piece with the largest key
+    kept_chars = seen_chars = seen_pieces = documents = 0
+    for text in texts:
+        documents += 1
+        for piece in split_text(text):
+            seen_pieces += 1
+            seen_chars += len(piece)
+            key = rng.random()
+            if max_chars and kept_chars >= max_chars and key > -heap[0][0]:
+                continue  # it would be the first piece evicted
+            heapq.heappush(heap, (-key, seen_pieces, piece))
+            kept_chars += len(piece)
+            while max_chars and kept_chars - len(heap[0][2]) >= max_chars:
+                kept_chars -= len(heapq.heappop(heap)[2])
+    if max_chars and kept_chars > max_chars:  # cut the piece with the largest key to meet the share exactly
+        key, position, piece = heapq.heappop(heap)
+        heap.append((key, position, piece[:len(piece) - (kept_chars - max_chars)]))
+        kept_chars = max_chars
+    pieces = [piece for _, _, piece in sorted(heap, key=lambda item: item[1])]
+    return pieces, {"documents_seen": documents, "pieces_seen": seen_pieces, "chars_seen": seen_chars,
+                    "pieces_sampled": len(pieces), "chars_sampled": kept_chars}
+
+
+def sample_sources(sources: list, max_chars: int, seed: int = 1234) -> tuple[list[str], dict]:
+    """Texts to train a tokenizer on, from several sources: each source gets its weight share of `max_chars`
+    (0: everything), sampled across all its documents (`sample_pieces`). `sources` holds (name, weight,
+    iterable of texts). Returns the texts and a report: per source its share, target and what was sampled.
+
+    A source smaller than its share gives all it has; the other sources keep their shares (the sample is
+    then smaller than `max_chars`, and a warning says so), so the weights still hold between them."""
+    import random
+    import zlib
+
+    weight_sum = sum(weight for _, weight, _ in sources)
+    texts, report = [], {"sample_chars": max_chars, "seed": seed, "sources": {}}
+    for name, weight, source_texts in sources:
+        target = int(max_chars * weight / weight_sum) if max_chars else 0
+        if max_chars and target == 0:
+            target = 1
+        rng = random.Random(seed * 1_000_003 + zlib.crc32(name.encode("utf-8")))  # per-source, order-free
+        pieces, stats = sample_pieces(source_texts, target, rng)
+        texts.extend(pieces)
+        report["sources"][name] = {"weight": weight, "share": weight / weight_sum, "target_chars": target, **stats}
+        logger.info("tokenizer sample from %s: %d chars in %d pieces (target %s; the source holds %d chars in "
+                    "%d documents)", name, stats["chars_sampled"], stats["pieces_sampled"], target or "all",
+                    stats["chars_seen"], stats["documents_seen"])
+        if max_chars and stats["chars_seen"] < target:
+            logger.warning("source %s holds only %d of the %d characters of its share: all of it is used, and "
+                           "the sample is smaller than --sample_chars", name, stats["chars_seen"], target)
+    report["chars_sampled"] = sum(info["chars_sampled"] for info in report["sources"].values())
+    return texts, report
 
 
 def load_tokenizer(name_or_path: str, what: str = "--tokenizer_name", **kwargs):

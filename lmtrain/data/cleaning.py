@@ -33,7 +33,8 @@ _HTML_ELEMENTS = (
 _HTML_ATTRIBUTE = r"""\s+[a-zA-Z_:][-\w:.]*(?:\s*=\s*(?:"[^"<>]*"|'[^'<>]*'|[^\s"'=<>`]+))?"""
 _HTML_TAG = re.compile(
     rf"<(?:{_HTML_ELEMENTS})(?:{_HTML_ATTRIBUTE}){{0,50}}\s*/?>|</(?:{_HTML_ELEMENTS})\s*>", re.I)
-_HTML_NON_TEXT = re.compile(r"<(script|style)\b[^>]*>.*?</\1\s*>|<!--.*?-->|<!doctype[^<>]*>", re.S | re.I)
+_HTML_NON_TEXT = re.compile(r"<(script|style)\b[^>]*>.*?</\1\s*>|<!--.*?-->|<!doctype[^<>]*>|<\?xml[^<>]*\?>",
+                            re.S | re.I)
 # Elements that end a line of text: removing them without a line break would glue paragraphs together.
 _HTML_BLOCK_TAG = re.compile(
     r"</?(?:address|article|aside|blockquote|br|dd|div|dl|dt|figcaption|figure|footer|form|h[1-6]|header|hr|"
@@ -44,6 +45,9 @@ _HTML_PAGE_START = re.compile(
 # Contents of <pre>/<code> elements, which may hold escaped code with braces, ignored by the fragment rule.
 _HTML_CODE_ELEMENT = re.compile(r"<(pre|code)\b[^>]*>.*?</\1\s*>", re.S | re.I)
 MIN_FRAGMENT_TAGS = 3
+# Characters that are common in code and rare in prose; text between the tags of an HTML fragment is prose.
+_CODE_PUNCTUATION = "{}[]=;+*|\\$"
+MAX_FRAGMENT_CODE_PUNCTUATION = 0.05
 _LEADING_BLANK_LINES = re.compile(r"\A(?:[ \t\f\v]*(?:\r\n|\n|\r))+")
 _WORD = re.compile(r"\w+", re.U)
 # Shingle tokens: a run of word characters; one character of a script written without spaces (CJK, kana,
@@ -87,9 +91,10 @@ def looks_like_html(text: str) -> bool:
     HTML is (a) a page: the document begins, after an optional XML declaration and comments, with
     `<!DOCTYPE html`, `<html`, `<head` or `<body`; or (b) a markup fragment (forum posts, Stack Exchange
     bodies): at least MIN_FRAGMENT_TAGS tags of known HTML elements, one of them a closing tag, every `<`
-    outside scripts and comments starts a tag, and the text between tags (<pre>/<code> contents aside) holds
-    no `{` or `}`. Code fails (b): JSX and templates have `{expressions}`, C++ and SQL have a stray `<`
-    (`a < b`, `vector<int>`), and a string like "<s>" is one tag. A code source whose files are whole HTML
+    outside scripts and comments starts a tag, and the text between tags (<pre>/<code> contents aside) reads
+    as prose: at most 5% of its non-space characters are code punctuation ({}[]=;+*|\\$). Code fails (b):
+    JSX and templates have `{expressions}` and `;`, code building HTML strings has `=` and `+`, C++ and SQL
+    have a stray `<` (`a < b`, `vector<int>`), and a string like "<s>" is one tag. A code source whose files are whole HTML
     pages is still treated as HTML: turn stripping off for that source (NAME=PATH:strip_html=false)."""
     if "<" not in text:
         return False
@@ -102,7 +107,10 @@ def looks_like_html(text: str) -> bool:
     if len(tags) < MIN_FRAGMENT_TAGS or not any(tag.startswith("</") for tag in tags):
         return False
     between = _HTML_TAG.sub(" ", _HTML_CODE_ELEMENT.sub(" ", body))
-    return not any(ch in between for ch in "<{}")
+    if "<" in between:
+        return False
+    visible = len(between) - sum(between.count(ch) for ch in " \t\n\r")
+    return sum(between.count(ch) for ch in _CODE_PUNCTUATION) <= MAX_FRAGMENT_CODE_PUNCTUATION * visible
 
 
 def html_to_text(text: str) -> str:
