@@ -69,6 +69,7 @@ CONVERSATIONS = {
 def base_tokenizer():
     rng = random.Random(0)
     texts = [" ".join(rng.choice(WORDS) for _ in range(40)) for _ in range(300)]
+    texts += ["assistant\n\nHello there!\n\nline two"] * 50  # a "\n\n" token: it straddles "...\n" + "\nHello"
     return train_bpe_tokenizer(texts, vocab_size=420, show_progress=False)
 
 
