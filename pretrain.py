@@ -53,7 +53,7 @@ def main(argv=None):
                                cache_dir=model_args.cache_dir, revision=model_args.model_revision)
     # The model first: its checks (vocabulary size, tokenizer reload) fail in seconds, before any data is tokenized.
     model = build_model(model_args, tokenizer)
-    data = load_pretrain_data(data_args, tokenizer, training_args)
+    data = load_pretrain_data(data_args, tokenizer, training_args, model.config.max_position_embeddings)
     logger.info("packed documents are kept apart through position_ids (%s attention); %d train blocks of %d tokens",
                 model.config._attn_implementation, len(data.train), data.block_size)
 

@@ -1,18 +1,25 @@
 """What training reads: a prepared dataset directory (memory-mapped), or raw sources prepared on the fly by
-the same pipeline, once per machine (the main process prepares, the others wait and reuse the cache)."""
+the same pipeline, once per machine (the main process prepares, the others wait and reuse the cache).
+
+Prepared data is checked against the run before any step: the tokenizer it was made with, its block size
+against --block_size, and the block size against the model's positions. Each would otherwise train
+without a word on ids that mean other text, blocks of another length, or positions the model lacks."""
 from __future__ import annotations
 
 import json
 import logging
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 
 import datasets
+import numpy as np
 
 from lmtrain.arguments import DataArguments
-from lmtrain.data.pipeline import load_prepared, prepare_pretrain_data
+from lmtrain.data.pipeline import load_prepared, prepare_pretrain_data, tokenizer_fingerprint
+from lmtrain.data.sources import DataError
 
 logger = logging.getLogger(__name__)
+_WARNED: set[str] = set()  # prepared directories already warned about (warn once per process)
 
 
 @dataclass
@@ -20,6 +27,8 @@ class TrainingData:
     train: datasets.Dataset
     validation: datasets.Dataset | None
     block_size: int
+    # The whole validation split's average: what bits per byte falls back to for validation blocks without
+    # a `num_bytes` column (prepared by an older lmtrain).
     validation_bytes_per_token: float | None
 
 
@@ -27,13 +36,75 @@ def _limit(dataset: datasets.Dataset | None, count: int | None):
     return dataset.select(range(min(count, len(dataset)))) if dataset is not None and count else dataset
 
 
-def load_pretrain_data(args: DataArguments, tokenizer, training_args) -> TrainingData:
+def _warn_once(key: str, message: str, *args):
+    if key not in _WARNED:
+        _WARNED.add(key)
+        logger.warning(message, *args)
+
+
+def select_eval_blocks(validation: datasets.Dataset | None, count: int | None, seed: int):
+    """At most `count` validation blocks, a seeded sample that keeps each source's share of the split.
+
+    The blocks are stored source after source, so the first `count` would all come from the first source
+    (an English + Chinese mix evaluated on English only). Selected blocks keep their stored order."""
+    if validation is None or not count or count >= len(validation):
+        return validation
+    rng = np.random.default_rng(seed)
+    if "source" not in validation.column_names:
+        chosen = rng.choice(len(validation), size=count, replace=False)
+        return validation.select(np.sort(chosen))
+    sources = np.array(validation.with_format("arrow")["source"].to_pylist(), dtype=object)
+    names, sizes = np.unique(sources, return_counts=True)
+    # Shares proportional to each source's blocks, summing to exactly `count` (largest remainders get the
+    # blocks left over); every source gets at least one block while `count` allows, so none goes unseen.
+    exact = sizes * count / len(sources)
+    quota = np.floor(exact).astype(int)
+    for index in np.argsort(-(exact - quota))[: count - quota.sum()]:
+        quota[index] += 1
+    if count >= len(names):
+        for index in np.flatnonzero(quota == 0):
+            quota[np.argmax(quota)] -= 1
+            quota[index] = 1
+    chosen = [rng.choice(np.flatnonzero(sources == name), size=int(k), replace=False) for name, k in zip(names, quota)]
+    return validation.select(np.sort(np.concatenate(chosen)))
+
+
+def _block_size_was_given(args: DataArguments) -> bool:
+    """--block_size set by the user (a flag or config file). Only a value other than the default can be
+    told apart from the default; --block_size 1024 on 128-token data is therefore logged, not refused."""
+    default = {f.name: f.default for f in fields(DataArguments)}["block_size"]
+    return args.block_size is not None and args.block_size != default
+
+
+def check_positions(block_size: int, max_positions: int | None, where: str, fix: str):
+    """A block longer than the model's position table fails late on a GPU (or runs on extrapolated RoPE)."""
+    if max_positions is not None and block_size > max_positions:
+        raise DataError(f"{where} are {block_size} tokens long but the model has max_position_embeddings="
+                        f"{max_positions}: the model's max_position_embeddings must be >= the block size. "
+                        f"{fix} --block_size {max_positions} or less, or use a model with more positions "
+                        f"(--config_overrides max_position_embeddings={block_size} when training from scratch)")
+
+
+def load_pretrain_data(args: DataArguments, tokenizer, training_args, max_positions: int | None = None) -> TrainingData:
+    """Train and validation blocks. `max_positions`: the model's max_position_embeddings, checked against
+    the block size before any data is tokenized (raw sources) or used (prepared data)."""
     if args.dataset_path:
         prepared = load_prepared(args.dataset_path)
         report_path = os.path.join(args.dataset_path, "report.json")
         report = json.load(open(report_path, encoding="utf-8")) if os.path.exists(report_path) else {}
         logger.info("prepared data %s: %s", args.dataset_path, {k: len(v) for k, v in prepared.items()})
+        check_prepared_tokenizer(args.dataset_path, report, tokenizer)
+        block_size = len(prepared["train"][0]["input_ids"])
+        if _block_size_was_given(args) and args.block_size != block_size:
+            raise DataError(f"--block_size {args.block_size}, but --dataset_path {args.dataset_path} holds blocks "
+                            f"of {block_size} tokens (fixed when it was prepared). Drop --block_size to train on "
+                            f"{block_size}-token blocks, or prepare the data again with data_prep/prepare_pretrain.py "
+                            f"--block_size {args.block_size}")
+        logger.info("training on the prepared blocks of %d tokens (--dataset_path %s)", block_size, args.dataset_path)
+        check_positions(block_size, max_positions, f"the blocks of --dataset_path {args.dataset_path}",
+                        "Prepare the data again with data_prep/prepare_pretrain.py")
     else:
+        check_positions(args.block_size, max_positions, "--block_size: the training blocks", "Pass")
         with training_args.main_process_first(desc="preparing data"):
             prepared, report_obj = prepare_pretrain_data(args, tokenizer)
         report = report_obj.to_dict()
@@ -43,11 +114,55 @@ def load_pretrain_data(args: DataArguments, tokenizer, training_args) -> Trainin
             with open(os.path.join(training_args.output_dir, "data_report.json"), "w", encoding="utf-8") as f:
                 json.dump(report, f, indent=2)
     train = _limit(prepared["train"], args.max_train_samples)
-    validation = _limit(prepared.get("validation"), args.max_eval_samples)
+    validation = prepared.get("validation")
+    if validation is not None and "num_bytes" not in validation.column_names:
+        _warn_once(f"columns:{args.dataset_path}", "validation blocks of %s carry no source or byte counts "
+                   "(prepared by an older lmtrain): evaluation samples blocks at random and bits per byte uses the "
+                   "split's average bytes per token. Prepare the data again for exact and per-source figures",
+                   args.dataset_path)
+    validation = select_eval_blocks(validation, args.max_eval_samples, args.prepare_seed)
     block_size = len(train[0]["input_ids"])
     _check_token_range(train, tokenizer)
     return TrainingData(train, validation, block_size,
                         report.get("bytes_per_token_by_split", {}).get("validation"))
+
+
+def _describe_difference(saved: dict, current: dict) -> str:
+    if saved.get("vocab_size") != current["vocab_size"]:
+        return f"{saved.get('vocab_size')} tokens there, {current['vocab_size']} here"
+    if saved.get("vocab_sha256") != current["vocab_sha256"]:
+        return f"same size ({current['vocab_size']} tokens) but other token strings or ids"
+    if saved.get("eos_token_id") != current["eos_token_id"]:
+        return f"end-of-text id {saved.get('eos_token_id')} there, {current['eos_token_id']} here"
+    return "the same vocabulary, but a probe text encodes to other ids (another normalizer or split rule)"
+
+
+def check_prepared_tokenizer(path: str, report: dict, tokenizer):
+    """Refuse data prepared with another tokenizer: same-size vocabularies pass the id-range check, and the
+    model would silently learn ids that mean other text. Compared: the fingerprint in report.json, else the
+    tokenizer copy in DIR/tokenizer (older directories); with neither, a warning."""
+    saved = report.get("tokenizer")
+    copy_dir = os.path.join(path, "tokenizer")
+    if not saved and os.path.isdir(copy_dir):
+        from transformers import AutoTokenizer
+
+        saved = tokenizer_fingerprint(AutoTokenizer.from_pretrained(copy_dir))
+        saved["name_or_path"] = copy_dir
+    if not saved:
+        _warn_once(f"tokenizer:{path}", "%s records no tokenizer (no report.json fingerprint, no tokenizer/ copy): "
+                   "cannot check it was prepared with this run's tokenizer; only the id range is checked", path)
+        return
+    current = tokenizer_fingerprint(tokenizer)
+    keys = ("vocab_size", "vocab_sha256", "eos_token_id", "probe_ids")
+    if all(saved.get(key) == current[key] for key in keys):
+        return
+    hint = f" (a copy is in {copy_dir})" if os.path.isdir(copy_dir) else ""
+    raise DataError(
+        f"--dataset_path {path} was prepared with another tokenizer: '{saved.get('name_or_path')}'{hint}, and this "
+        f"run's tokenizer is '{current['name_or_path']}' ({_describe_difference(saved, current)}). Its token ids would "
+        f"mean other text to this model. Train with --tokenizer_name "
+        f"{copy_dir if hint else saved.get('name_or_path')}, or prepare the data again with "
+        f"data_prep/prepare_pretrain.py --tokenizer_name {current['name_or_path']}")
 
 
 def _check_token_range(train: datasets.Dataset, tokenizer):
@@ -55,5 +170,5 @@ def _check_token_range(train: datasets.Dataset, tokenizer):
     sample = train.with_format("arrow")[: min(256, len(train))]["input_ids"].combine_chunks().flatten()
     highest = max(sample.to_numpy()) if len(sample) else 0
     if highest >= len(tokenizer):
-        raise ValueError(f"the data holds token id {highest} but the tokenizer has {len(tokenizer)} tokens: it was "
-                         "prepared with another tokenizer. Prepare it again with --tokenizer_name of this run")
+        raise DataError(f"the data holds token id {highest} but the tokenizer has {len(tokenizer)} tokens: it was "
+                        "prepared with another tokenizer. Prepare it again with --tokenizer_name of this run")

@@ -52,6 +52,10 @@ class PreparationReport:
     doc_tokens: dict = field(default_factory=dict)
     bytes_per_token: float = 0.0
     bytes_per_token_by_split: dict = field(default_factory=dict)
+    # Validation blocks per source (each block holds one source's documents): blocks, tokens, bytes per token.
+    validation_sources: dict = field(default_factory=dict)
+    # What training compares its tokenizer with (tokenizer_fingerprint): the data's ids mean this vocabulary.
+    tokenizer: dict = field(default_factory=dict)
     cache: dict = field(default_factory=dict)
     seconds: dict = field(default_factory=dict)
     # The held-out documents as text (a Dataset), for save_prepared's validation.jsonl; not a figure.
@@ -70,6 +74,9 @@ class PreparationReport:
         lines.append(f"document length, tokens: {self.doc_tokens}")
         lines.append(f"bytes per token: {self.bytes_per_token:.3f}")
         for name, info in self.sources.items():
+            if info.get("skipped"):
+                lines.append(f"source {name}: skipped ({info['skipped']}), its weight went to the other sources")
+                continue
             lines.append(f"source {name}: weight share {info['target_share']:.3f}, "
                          f"achieved token share {info['achieved_share']:.3f} ({info['train_tokens']} tokens, "
                          f"x{info['epochs']:.2f} of its data)")
@@ -205,6 +212,21 @@ def tokenize_table(table: pa.Table, tokenizer) -> pa.Table:
     })
 
 
+def tokenizer_fingerprint(tokenizer) -> dict:
+    """What makes prepared ids mean the same text to another tokenizer: the whole vocabulary (added and
+    special tokens included), the end-of-text id, and the ids the pipeline gives a probe text (which catches
+    a different normalizer or split rule over the same vocabulary). Saved in report.json."""
+    from lmtrain.tokenizer import RELOAD_PROBE
+
+    vocabulary = json.dumps(sorted(tokenizer.get_vocab().items()), ensure_ascii=False).encode()
+    probe = RELOAD_PROBE + " " + (tokenizer.eos_token or "")
+    probe_ids = tokenize_table(pa.table({"text": [probe], "source": ["probe"]}), tokenizer)["input_ids"][0].as_py()
+    name = tokenizer.name_or_path
+    return {"name_or_path": os.path.abspath(name) if name and os.path.isdir(name) else name,
+            "vocab_size": len(tokenizer), "vocab_sha256": hashlib.sha256(vocabulary).hexdigest(),
+            "eos_token_id": tokenizer.eos_token_id, "probe_ids": probe_ids}
+
+
 def _reused(dataset: datasets.Dataset, started: float) -> str:
     """'reused' when the step's output came from the datasets cache rather than being computed now."""
     files = dataset.cache_files
@@ -248,6 +270,43 @@ def _pack(tokenized: datasets.Dataset, indices: np.ndarray, block_size: int, pad
     meta = {"blocks": blocks, "padded_tokens": packer.padded_tokens, "dropped_tokens": packer.dropped_tokens}
     meta_path.write_text(json.dumps(meta))
     return datasets.Dataset.from_file(str(path)), {**meta, "cache": "computed"}
+
+
+def block_bytes(doc_tokens: np.ndarray, doc_bytes: np.ndarray, block_size: int, blocks: int) -> np.ndarray:
+    """UTF-8 bytes of each block of documents packed in this order: a document's bytes are spread evenly
+    over its tokens (EOS included), so a block holding whole documents gets exactly their bytes and the
+    blocks of one document sum to its bytes."""
+    cum_tokens = np.concatenate([[0], np.cumsum(doc_tokens)])
+    cum_bytes = np.concatenate([[0], np.cumsum(doc_bytes)]).astype(np.float64)
+    bounds = np.minimum(np.arange(blocks + 1) * block_size, cum_tokens[-1])
+    return np.diff(np.interp(bounds, cum_tokens, cum_bytes))
+
+
+def _pack_validation(tokenized: datasets.Dataset, rows: np.ndarray, sources: np.ndarray, num_tokens: np.ndarray,
+                     num_bytes: np.ndarray, args: DataArguments, pad_id: int, cache_dir: Path):
+    """Validation blocks packed per source, so each block holds one source's documents, with columns
+    `source` and `num_bytes`: evaluation can sample every source and compute bits per byte from exactly
+    the blocks it evaluated (the split's average bytes per token is wrong for a subset of a mixture)."""
+    parts, per_source = [], {}
+    total = {"blocks": 0, "padded_tokens": 0, "dropped_tokens": 0, "cache": "reused"}
+    for name in dict.fromkeys(sources[rows]):  # sources in order of first appearance
+        chosen = rows[sources[rows] == name]
+        packed, info = _pack(tokenized, chosen, args.block_size, pad_id, args.drop_remainder, cache_dir,
+                             args.overwrite_cache, desc=f"packing validation ({name})")
+        for key in ("blocks", "padded_tokens", "dropped_tokens"):
+            total[key] += info[key]
+        if info["cache"] == "computed":
+            total["cache"] = "computed"
+        tokens = int(num_tokens[chosen].sum())
+        per_source[name] = {"blocks": info["blocks"], "tokens": tokens,
+                            "bytes_per_token": float(num_bytes[chosen].sum() / max(1, tokens))}
+        if info["blocks"]:
+            sizes = block_bytes(num_tokens[chosen], num_bytes[chosen], args.block_size, info["blocks"])
+            parts.append(packed.add_column("source", [name] * info["blocks"])
+                         .add_column("num_bytes", sizes.tolist()))
+    if not parts:
+        return packed, total, per_source  # no block at all: the caller reports an empty validation split
+    return datasets.concatenate_datasets(parts), total, per_source
 
 
 def mixture_selection(sources: np.ndarray, num_tokens: np.ndarray, candidates: np.ndarray,
@@ -324,6 +383,20 @@ def _find_duplicates(cleaned: datasets.Dataset, config: CleaningConfig) -> np.nd
     return drops
 
 
+def _empty_sources(row_sources: np.ndarray, drops: np.ndarray, specs: list[SourceSpec]) -> list[str]:
+    """Sources whose every file is empty. One rule whether the empty file is a source of its own or one file
+    of a directory source: it is skipped and counted as `empty_file`; such a source's weight goes to the
+    others (the mixture has nothing to sample from it). Warned about, and listed in the report."""
+    empty = []
+    for spec in specs:
+        rows = drops[row_sources == spec.name]
+        if len(rows) and (rows == "empty_file").all():
+            logger.warning("source '%s' (%s): every file is empty; skipped, its weight %g goes to the other "
+                           "sources", spec.name, spec.location, spec.weight)
+            empty.append(spec.name)
+    return empty
+
+
 def prepare_pretrain_data(args: DataArguments, tokenizer, cache_dir: str | None = None):
     """Raw sources -> DatasetDict(train, validation) of packed blocks, and a PreparationReport."""
     report = PreparationReport(block_size=args.block_size)
@@ -368,10 +441,12 @@ def prepare_pretrain_data(args: DataArguments, tokenizer, cache_dir: str | None 
     report.seconds["clean_dedup"] = round(clock() - t0, 2)
     report.dropped = dict(Counter(d for d in drops if d))
     report.documents_read = int(sum(1 for d in drops if d not in ("empty_file",)))
+    empty = _empty_sources(np.array(raw.with_format("arrow")["source"].to_pylist(), dtype=object), drops, specs)
 
     kept = np.flatnonzero(drops == "")
     if len(kept) == 0:
-        raise DataError(f"no documents left to train on (read {len(drops)}, dropped: {report.dropped}); "
+        what = "every input file is empty" if len(empty) == len(specs) else f"read {len(drops)}"
+        raise DataError(f"no documents left to train on ({what}, dropped: {report.dropped}); "
                         "check --text_field, the files, and the cleaning thresholds")
     started, t0 = time.time(), clock()
     kept_texts = text_source.select(kept)
@@ -399,9 +474,14 @@ def prepare_pretrain_data(args: DataArguments, tokenizer, cache_dir: str | None 
             is_validation[rng.integers(len(sources))] = True
     train_rows = np.flatnonzero(~is_validation)
     validation_rows = np.flatnonzero(is_validation)
-    weights = {s.name: s.weight for s in specs}
+    weights = {s.name: s.weight for s in specs if s.name not in empty}
     total = args.mixture_tokens or int(num_tokens[train_rows].sum())
     train_indices, report.sources = mixture_selection(sources, num_tokens, train_rows, weights, total, rng)
+    for spec in specs:
+        if spec.name in empty:
+            report.sources[spec.name] = {"weight": spec.weight, "target_share": 0.0, "held_tokens": 0,
+                                         "train_tokens": 0, "epochs": 0.0, "achieved_share": 0.0,
+                                         "skipped": "every file is empty"}
     report.documents_kept = {"train": int(len(train_rows)), "validation": int(len(validation_rows))}
     report._validation_documents = kept_texts.select(validation_rows)
 
@@ -411,8 +491,12 @@ def prepare_pretrain_data(args: DataArguments, tokenizer, cache_dir: str | None 
     for split, indices in (("train", train_indices), ("validation", validation_rows)):
         if len(indices) == 0:
             continue
-        packed, info = _pack(tokenized, indices, args.block_size, pad_id, args.drop_remainder, cache_root,
-                             args.overwrite_cache, desc=f"packing {split}")
+        if split == "train":
+            packed, info = _pack(tokenized, indices, args.block_size, pad_id, args.drop_remainder, cache_root,
+                                 args.overwrite_cache, desc=f"packing {split}")
+        else:
+            packed, info, report.validation_sources = _pack_validation(
+                tokenized, indices, sources, num_tokens, num_bytes, args, pad_id, cache_root)
         if info["blocks"] or split == "train":  # an empty validation split would only break evaluation
             splits[split] = packed
         else:
@@ -425,6 +509,7 @@ def prepare_pretrain_data(args: DataArguments, tokenizer, cache_dir: str | None 
         report.dropped_remainder_tokens += info["dropped_tokens"]
         report.cache[f"pack_{split}"] = info["cache"]
     report.seconds["pack"] = round(clock() - t0, 2)
+    report.tokenizer = tokenizer_fingerprint(tokenizer)
     if "train" not in splits or report.blocks["train"] == 0:
         raise DataError(f"the training split holds no block of {args.block_size} tokens "
                         f"({report.tokens.get('train', 0)} tokens); lower --block_size or add data")
