@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -14,6 +15,7 @@ from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 
 from lmtrain.callbacks import CurvePlotCallback, PlannedStopCallback, ThroughputCallback
 from lmtrain.eval_figures import eval_figures, token_loss_stats
+from lmtrain.errors import UserError
 
 logger = logging.getLogger(__name__)
 
@@ -38,36 +40,225 @@ def is_complete_checkpoint(path: Path) -> bool:
     return any(path.glob("*.safetensors")) or (path / "latest").exists() or any(path.glob("*.bin"))
 
 
+COMPLETE_FILE = "lmtrain_complete.json"  # written last, after the final model: the run is finished
+# What a run of ours writes into output_dir before its first checkpoint. A directory holding only these
+# (a run that failed or was killed early) is ours to start again in, not "another run's files".
+EARLY_RUN_FILES = ("lmtrain_config.json", "data_report.json", "samples.jsonl", "training_curves.png", "runs")
+
+
+def checkpoint_step(path) -> int:
+    suffix = Path(path).name.split("-")[-1]
+    return int(suffix) if suffix.isdigit() else -1
+
+
+def _checkpoint_dirs(output_dir) -> list[Path]:
+    return sorted((p for p in Path(output_dir).glob(f"{PREFIX_CHECKPOINT_DIR}-*") if p.is_dir()),
+                  key=checkpoint_step, reverse=True)
+
+
 def find_resume_checkpoint(output_dir: str) -> str | None:
-    checkpoints = sorted(Path(output_dir).glob(f"{PREFIX_CHECKPOINT_DIR}-*"),
-                         key=lambda p: int(p.name.split("-")[-1]) if p.name.split("-")[-1].isdigit() else -1,
-                         reverse=True)
-    for path in checkpoints:
+    for path in _checkpoint_dirs(output_dir):
         if is_complete_checkpoint(path):
             return str(path)
         logger.warning("skipping incomplete checkpoint %s (interrupted while saving?)", path)
     return None
 
 
+def _planned_steps(args) -> dict:
+    """What "finished" means for these arguments: the step budget, or the epochs when there is none."""
+    return {"max_steps": args.max_steps} if args.max_steps and args.max_steps > 0 else \
+        {"num_train_epochs": args.num_train_epochs}
+
+
+def completed_run(args) -> dict | None:
+    """The completion record when output_dir holds a finished run of this plan: rerunning its command (a
+    cluster requeue, a retry-until-exit-0 wrapper) must change nothing. A different plan is refused."""
+    path = Path(args.output_dir) / COMPLETE_FILE
+    if args.overwrite_output_dir or args.resume_from_checkpoint or not path.is_file():
+        return None
+    try:
+        record = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        logger.warning("%s is unreadable; treating the run as unfinished", path)
+        return None
+    planned = _planned_steps(args)
+    if any(record.get("plan", {}).get(key) != value for key, value in planned.items()):
+        done = ", ".join(f"{k} {v}" for k, v in record.get("plan", {}).items())
+        asked = ", ".join(f"{k} {v}" for k, v in planned.items())
+        raise UserError(f"output_dir '{args.output_dir}' holds a run that finished at step "
+                        f"{record.get('global_step')} ({done}; {path}); this command asks for {asked}. To train "
+                        f"further, start a new run from its weights (--model_name_or_path {args.output_dir} "
+                        "--output_dir NEW_DIR); to redo it, pass --overwrite_output_dir")
+    logger.info("run complete: %s finished at step %d (%s, %s); nothing to do. Pass --overwrite_output_dir to "
+                "train it again from scratch", args.output_dir, record.get("global_step", -1),
+                record.get("stopped_by", "max_steps"), path.name)
+    return record
+
+
+def mark_run_complete(trainer: Trainer, metrics: dict, stopped_by: str = "max_steps"):
+    """Written after the final model and metrics, so its presence means all of them are complete."""
+    if not trainer.is_world_process_zero():
+        return
+    record = {"global_step": trainer.state.global_step, "plan": _planned_steps(trainer.args),
+              "stopped_by": stopped_by, "metrics": metrics}
+    path = Path(trainer.args.output_dir) / COMPLETE_FILE
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps(record, indent=2, default=str), encoding="utf-8")
+    os.replace(tmp, path)  # atomic: a crash leaves either no record or a whole one
+
+
+def _early_run_files(args) -> set[str]:
+    names = set(EARLY_RUN_FILES)
+    if args.logging_dir:  # --logging_dir inside output_dir holds TensorBoard files of ours
+        inside = Path(os.path.abspath(args.logging_dir))
+        output = Path(os.path.abspath(args.output_dir))
+        if output in inside.parents:
+            names.add(inside.relative_to(output).parts[0])
+    return names
+
+
+def _start_fresh(args, output: Path):
+    """--overwrite_output_dir: the earlier run's checkpoints are deleted (never resumed from, never counted
+    by checkpoint rotation later) and so is its completion record; other files are kept or overwritten."""
+    if args.process_index != 0:
+        return
+    checkpoints = _checkpoint_dirs(output)
+    for path in checkpoints:
+        shutil.rmtree(path, ignore_errors=True)
+    for name in (COMPLETE_FILE, "samples.jsonl"):
+        (output / name).unlink(missing_ok=True)
+    if checkpoints:
+        logger.warning("--overwrite_output_dir: starting fresh, deleted %d checkpoint(s) of the earlier run in %s "
+                       "(%s)", len(checkpoints), output, ", ".join(p.name for p in checkpoints))
+    else:
+        logger.info("--overwrite_output_dir: starting fresh in %s", output)
+
+
 def resolve_resume(args) -> str | None:
-    """The checkpoint to resume from, and the output-dir policy: a non-empty output_dir with no checkpoint
-    is refused unless --overwrite_output_dir, so a typo never mixes two runs' files."""
+    """The checkpoint to resume from, and the output-dir policy:
+    - --resume_from_checkpoint PATH: that checkpoint;
+    - --overwrite_output_dir: start fresh (the earlier checkpoints are deleted, see _start_fresh);
+    - else the newest complete checkpoint in output_dir;
+    - else a fresh start, if output_dir holds nothing or only files an earlier attempt of ours wrote before
+      its first checkpoint (EARLY_RUN_FILES); any other file refuses, so a typo never mixes two runs."""
     if args.resume_from_checkpoint:
         if not is_complete_checkpoint(Path(args.resume_from_checkpoint)):
-            raise FileNotFoundError(f"--resume_from_checkpoint {args.resume_from_checkpoint}: not a complete "
-                                    "checkpoint directory (no trainer_state.json or weights)")
+            raise UserError(f"--resume_from_checkpoint {args.resume_from_checkpoint}: not a complete "
+                            "checkpoint directory (no trainer_state.json or weights)")
         return args.resume_from_checkpoint
     output = Path(args.output_dir)
+    if output.exists() and not output.is_dir():
+        raise UserError(f"--output_dir {output} is a file; give a directory")
     if not output.is_dir():
+        return None
+    if args.overwrite_output_dir:
+        _start_fresh(args, output)
         return None
     found = find_resume_checkpoint(args.output_dir)
     if found:
         logger.info("resuming from %s (the newest complete checkpoint in output_dir)", found)
         return found
-    if any(output.iterdir()) and not args.overwrite_output_dir:
-        raise FileExistsError(f"output_dir '{output}' is not empty and holds no checkpoint to resume from. "
-                              "Pick a new --output_dir, or pass --overwrite_output_dir to train into it anyway")
+    ours = _early_run_files(args)
+    foreign = sorted(p.name for p in output.iterdir()
+                     if p.name not in ours and not p.name.startswith(f"{PREFIX_CHECKPOINT_DIR}-"))
+    if foreign:
+        shown = ", ".join(foreign[:5]) + (" ..." if len(foreign) > 5 else "")
+        raise UserError(f"output_dir '{output}' is not empty ({shown}) and holds no checkpoint to resume from. "
+                        "Pick a new --output_dir, or pass --overwrite_output_dir to train into it anyway")
+    if any(output.iterdir()):
+        logger.info("output_dir %s holds only files of an earlier attempt that stopped before its first "
+                    "checkpoint: starting fresh", output)
+        if args.process_index == 0:
+            (output / "samples.jsonl").unlink(missing_ok=True)  # appended to: would mix both attempts
     return None
+
+
+def check_checkpoint_fits(model, checkpoint: str):
+    """A checkpoint of another model shape fails deep inside the Trainer with a torch traceback; compare the
+    parameter shapes first (from the safetensors headers: no tensor is read)."""
+    from safetensors import safe_open
+
+    expected = {name: tuple(getattr(p, "ds_shape", p.shape)) for name, p in model.named_parameters()}
+    for file in sorted(Path(checkpoint).glob("*.safetensors")):
+        with safe_open(str(file), framework="pt") as handle:
+            for key in handle.keys():
+                if key not in expected:
+                    continue
+                shape = tuple(handle.get_slice(key).get_shape())
+                if shape != expected[key]:
+                    raise UserError(
+                        f"checkpoint {checkpoint} does not fit this model: {key} has shape {list(shape)} in "
+                        f"{file.name} and {list(expected[key])} in the model these flags build. Resume with the "
+                        "model options that wrote it, or pass --overwrite_output_dir to start fresh (deletes the "
+                        "old checkpoints), or give a new --output_dir")
+
+
+def _finish_from_checkpoint(trainer: Trainer, checkpoint: str):
+    """The checkpoint already reached max_steps (the final save was cut short): Trainer.train would train one
+    step past the plan, so load the checkpoint's weights and state instead of training."""
+    from transformers.trainer_callback import TrainerState
+    from transformers.trainer_utils import TrainOutput
+
+    state = TrainerState.load_from_json(os.path.join(checkpoint, "trainer_state.json"))
+    if trainer.is_deepspeed_enabled:
+        raise UserError(f"{checkpoint} is at step {state.global_step}, the end of the run, but the final model was "
+                        "not saved (interrupted?). Export it from the checkpoint (python export.py ...), or pass "
+                        "--overwrite_output_dir to train again")
+    weights = checkpoint
+    if trainer.args.load_best_model_at_end and state.best_model_checkpoint and Path(state.best_model_checkpoint).is_dir():
+        weights = state.best_model_checkpoint
+    trainer._load_from_checkpoint(weights)
+    trainer.state = state
+    logger.warning("%s already reached max_steps %d; the final save had not finished: saving the final model "
+                   "from %s without training", checkpoint, trainer.args.max_steps, weights)
+    return TrainOutput(state.global_step, float("nan"), {})
+
+
+def run_training(trainer: Trainer, resume_from: str | None):
+    """trainer.train, with a checkpoint that does not fit the model reported as a UserError."""
+    if resume_from is None:
+        return trainer.train()
+    check_checkpoint_fits(trainer.model, resume_from)
+    if 0 < trainer.args.max_steps <= checkpoint_step(resume_from):
+        return _finish_from_checkpoint(trainer, resume_from)
+    try:
+        return trainer.train(resume_from_checkpoint=resume_from)
+    except (RuntimeError, ValueError) as error:
+        text = str(error)
+        if isinstance(error, UserError) or not ("size mismatch" in text or "parameter group" in text
+                                                or "Error(s) in loading state_dict" in text):
+            raise
+        lines = [line.strip() for line in text.splitlines() if line.strip()]
+        first = next((line for line in lines if "size mismatch" in line), lines[-1] if lines else text)
+        raise UserError(f"checkpoint {resume_from} does not fit this model or optimizer ({first}). Resume with "
+                        "the options that wrote it, or pass --overwrite_output_dir to start fresh (deletes the old "
+                        "checkpoints), or give a new --output_dir") from error
+
+
+def end_of_training(trainer: Trainer) -> str:
+    """Why trainer.train returned, said in the log: "max_steps" (the plan's end), "early_stopping" (both
+    finish the run), or "stopped" (a planned stop or an interruption: a checkpoint is saved, the final model
+    is not written, and rerunning the command continues)."""
+    from transformers import EarlyStoppingCallback
+
+    state, args = trainer.state, trainer.args
+    callbacks = trainer.callback_handler.callbacks
+    planned = next((c for c in callbacks if isinstance(c, PlannedStopCallback) and c.stopped_at is not None), None)
+    early = next((c for c in callbacks if isinstance(c, EarlyStoppingCallback)
+                  and c.early_stopping_patience_counter >= c.early_stopping_patience), None)
+    if early is not None:
+        logger.info("early stopping: %s did not improve for %d evaluations; training ended at step %d of %d "
+                    "(best: %s, %s)", args.metric_for_best_model, early.early_stopping_patience, state.global_step,
+                    state.max_steps, state.best_model_checkpoint, "loaded for the final model"
+                    if args.load_best_model_at_end else "kept")
+        return "early_stopping"
+    if planned is not None or state.global_step < state.max_steps:
+        why = f"planned stop (--stop_after_steps {planned.stop_after_steps})" if planned else "training stopped"
+        logger.info("%s at step %d of %d: checkpoint-%d is saved, the final model is not written yet. Rerun the same "
+                    "command to continue%s", why, state.global_step, state.max_steps, state.global_step,
+                    f" ({planned.stop_after_steps} more steps per run)" if planned else "")
+        return "stopped"
+    return "max_steps"
 
 
 class LMTrainer(Trainer):
@@ -206,8 +397,8 @@ def build_trainer(model, tokenizer, args, train_dataset, eval_dataset=None, data
                   eval_bytes_per_token: float | None = None, tokens_per_sample: int | None = None) -> LMTrainer:
     configure_reporting(args)
     callbacks = [CurvePlotCallback()] if args.plot_curves else []
-    if args.stop_after_steps:
-        callbacks.append(PlannedStopCallback(args.stop_after_steps))
+    # Always present: it also retires the checkpoints of earlier planned stops (see PlannedStopCallback).
+    callbacks.append(PlannedStopCallback(args.stop_after_steps))
     if args.early_stopping_patience:
         from transformers import EarlyStoppingCallback
 
