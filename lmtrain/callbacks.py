@@ -24,49 +24,86 @@ def device_peak_tflops() -> float | None:
     return next((peak for key, peak in PEAK_TFLOPS.items() if key in name), None)
 
 
-def flops_per_token(model, sequence_length: int) -> float:
+def flops_per_token(model, sequence_length: float, parameters: int | None = None) -> float:
     """PaLM (appendix B): 6 * parameters + 12 * layers * hidden * sequence, forward and backward."""
     from lmtrain.modeling import count_parameters
 
     config = model.config
-    return 6 * count_parameters(model) + 12 * config.num_hidden_layers * config.hidden_size * sequence_length
+    parameters = count_parameters(model) if parameters is None else parameters
+    return 6 * parameters + 12 * config.num_hidden_layers * config.hidden_size * sequence_length
 
 
 class ThroughputCallback(TrainerCallback):
-    """Measures wall time per optimizer step. Reads only host clocks: no GPU synchronisation in the step
-    loop (the loss logging already synchronises once per logging interval)."""
+    """tokens/s, MFU and step time for the logs, from host clocks only (no GPU synchronisation in the step loop;
+    the loss logging already synchronises once per logging interval).
 
-    def __init__(self, model, tokens_per_sample: int | None, peak_tflops: float | None):
+    tokens_per_second_per_device = real tokens / training seconds of this device over the logging window:
+    - real tokens: the non-padding positions of the training batches (`count_real_tokens`, counted on the CPU
+      where the collator makes the batch): every token of packed pretraining blocks except the padding of a
+      last partial block, the samples of packed SFT rows without the row's padding, unpadded SFT lengths.
+      Prompt tokens count (the model reads them); evaluation batches do not.
+    - training seconds: loading the step's batches + the step itself (forward, backward, optimizer), up to
+      the logging that closes the window. Evaluation, checkpoint saving and sample generation between
+      steps are not training time and are left out.
+    mfu = tokens/s * FLOPs per token (PaLM formula at the batch's row length) / the device's peak.
+    """
+
+    def __init__(self, model, tokens_per_sample: int | None = None, peak_tflops: float | None = None):
         self.model = model
-        self.tokens_per_sample = tokens_per_sample
         self.peak_tflops = peak_tflops or device_peak_tflops()
-        self._flops_per_token = None
-        self._window_start = None
-        self._window_steps = 0
+        self._parameters = None
+        self._reset()
+        self._step_start = self._last_step_end = None
 
-    def on_train_begin(self, args, state, control, **kwargs):
-        self._window_start, self._window_steps = time.perf_counter(), 0
+    def _reset(self):
+        self._seconds, self._steps, self._tokens, self._positions, self._rows = 0.0, 0, 0, 0, 0
+
+    def add_batches(self, real_tokens: int, positions: int, rows: int, load_seconds: float):
+        """One optimizer step's batches, as the trainer fetched them (LMTrainer.get_batch_samples)."""
+        self._tokens += real_tokens
+        self._positions += positions
+        self._rows += rows
+        self._seconds += load_seconds
+
+    def on_step_begin(self, args, state, control, **kwargs):
+        self._step_start = time.perf_counter()
 
     def on_step_end(self, args, state, control, **kwargs):
-        self._window_steps += 1
+        self._last_step_end = time.perf_counter()
+        if self._step_start is not None:
+            self._seconds += self._last_step_end - self._step_start
+            self._steps += 1
+        self._step_start = None
+
+    def _not_training(self, *args, **kwargs):
+        # Evaluation or a save just ended: the time since the last step was not training.
+        self._last_step_end = None
+
+    on_evaluate = on_save = _not_training
 
     def metrics(self, args) -> dict:
-        """Figures since the previous call (one logging interval), per device."""
-        if not self._window_steps or self._window_start is None:
+        """Figures since the previous call (one logging interval), for this device."""
+        if not self._steps:
             return {}
-        now = time.perf_counter()
-        seconds_per_step = (now - self._window_start) / self._window_steps
-        self._window_start, self._window_steps = now, 0
-        out = {"step_seconds": round(seconds_per_step, 4)}
-        if self.tokens_per_sample:
-            tokens = self.tokens_per_sample * args.per_device_train_batch_size * args.gradient_accumulation_steps
-            out["tokens_per_second_per_device"] = round(tokens / seconds_per_step, 1)
+        seconds = self._seconds
+        if self._last_step_end is not None:  # the logging itself waits for the device to finish the steps
+            seconds += time.perf_counter() - self._last_step_end
+        out = {"step_seconds": round(seconds / self._steps, 4)}
+        if self._tokens and seconds > 0:
+            tokens_per_second = self._tokens / seconds
+            out["tokens_per_second_per_device"] = round(tokens_per_second, 1)
             if self.peak_tflops:
-                if self._flops_per_token is None:
-                    self._flops_per_token = flops_per_token(self.model, self.tokens_per_sample)
-                out["mfu"] = round(tokens / seconds_per_step * self._flops_per_token / (self.peak_tflops * 1e12), 4)
+                if self._parameters is None:
+                    from lmtrain.modeling import count_parameters
+
+                    self._parameters = count_parameters(self.model)
+                row_length = self._positions / max(self._rows, 1)
+                flops = flops_per_token(self.model, row_length, self._parameters)
+                out["mfu"] = round(tokens_per_second * flops / (self.peak_tflops * 1e12), 4)
         if torch.cuda.is_available():
             out["gpu_memory_peak_gib"] = round(torch.cuda.max_memory_allocated() / 2**30, 2)
+        self._reset()
+        self._last_step_end = time.perf_counter()
         return out
 
 

@@ -6,6 +6,7 @@ import json
 import logging
 import os
 import shutil
+import time
 from pathlib import Path
 
 import numpy as np
@@ -14,8 +15,8 @@ from transformers import Trainer
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 
 from lmtrain.callbacks import CurvePlotCallback, PlannedStopCallback, ThroughputCallback
-from lmtrain.eval_figures import eval_figures, token_loss_stats
 from lmtrain.errors import UserError
+from lmtrain.eval_figures import eval_figures, token_loss_stats
 
 logger = logging.getLogger(__name__)
 
@@ -27,6 +28,43 @@ def collate_packed_blocks(rows: list[dict]) -> dict:
     for name in ("input_ids", "labels", "position_ids"):
         batch[name] = torch.tensor([row[name] for row in rows], dtype=torch.long)
     return batch
+
+
+# Added to every training batch by CountingCollator and taken out again before the model sees the batch.
+REAL_TOKENS_KEY = "num_real_tokens"
+
+
+def count_real_tokens(batch: dict) -> int:
+    """Positions of the batch that are not padding, counted on the CPU tensors the collator just made.
+
+    Every collator here pads the same way: a row's padding is its last position segment (position_ids
+    restart at 0 where it begins) and has no trained label. A real segment always has one (a document's
+    tokens are all labels; an SFT sample with no trainable token is dropped), so a last segment without any
+    is padding. Rows without position_ids fall back to the attention mask, else count whole."""
+    input_ids = batch["input_ids"]
+    positions, labels = batch.get("position_ids"), batch.get("labels")
+    if positions is None or labels is None:
+        mask = batch.get("attention_mask")
+        return int(mask.sum()) if mask is not None else input_ids.numel()
+    length = positions.shape[-1]
+    index = torch.arange(length).expand_as(positions)
+    last_start = torch.where(positions == 0, index, 0).max(dim=-1).values
+    tail_trained = ((labels != -100) & (index >= last_start.unsqueeze(-1))).any(dim=-1)
+    padding = torch.where(tail_trained, 0, length - last_start)
+    return input_ids.numel() - int(padding.sum())
+
+
+class CountingCollator:
+    """Wraps the training collator: adds the batch's real-token count (a plain int, which stays on the host
+    when the batch moves to the device, so counting never synchronises with the GPU)."""
+
+    def __init__(self, collator):
+        self.collator = collator
+
+    def __call__(self, rows):
+        batch = self.collator(rows)
+        batch[REAL_TOKENS_KEY] = count_real_tokens(batch)
+        return batch
 
 
 def is_complete_checkpoint(path: Path) -> bool:
@@ -283,6 +321,36 @@ class LMTrainer(Trainer):
             logs.update(self.throughput.metrics(self.args))
         super().log(logs, *args, **kwargs)
 
+    def get_train_dataloader(self):
+        # Only training batches carry the real-token count; evaluation batches go to the model unchanged.
+        collator = self.data_collator
+        self.data_collator = CountingCollator(collator)
+        try:
+            return super().get_train_dataloader()
+        finally:
+            self.data_collator = collator
+
+    def get_batch_samples(self, epoch_iterator, num_batches, device):
+        """One optimizer step's batches: timed and counted for the throughput figures, and the learning rate
+        this step will apply noted (see _get_learning_rate)."""
+        start = time.perf_counter()
+        batches, num_items = super().get_batch_samples(epoch_iterator, num_batches, device)
+        tokens = sum(batch.pop(REAL_TOKENS_KEY, 0) for batch in batches)
+        if self.throughput is not None and batches:
+            self.throughput.add_batches(tokens, sum(b["input_ids"].numel() for b in batches),
+                                        sum(b["input_ids"].shape[0] for b in batches), time.perf_counter() - start)
+        self._applied_lr = (self.state.global_step, super()._get_learning_rate())
+        return batches, num_items
+
+    def _get_learning_rate(self):
+        """The rate the current step applies. The Trainer reads the scheduler right after the optimizer step,
+        but when DeepSpeed owns the scheduler (an optimizer in the DeepSpeed config, e.g. zero3_offload) the
+        engine has already stepped it by then, so the next step's rate was logged. Read before the step."""
+        step, rate = getattr(self, "_applied_lr", (None, None))
+        if step == self.state.global_step:
+            return rate
+        return super()._get_learning_rate()
+
     def evaluate(self, eval_dataset=None, ignore_keys=None, metric_key_prefix: str = "eval"):
         dataset = self.eval_dataset if eval_dataset is None else eval_dataset
         if isinstance(dataset, str):  # one entry of a dict eval_dataset (Trainer.evaluate recursing)
@@ -406,7 +474,7 @@ def build_trainer(model, tokenizer, args, train_dataset, eval_dataset=None, data
     return LMTrainer(model=model, args=args, train_dataset=train_dataset, eval_dataset=eval_dataset,
                      data_collator=data_collator, processing_class=tokenizer, callbacks=callbacks,
                      eval_bytes_per_token=eval_bytes_per_token,
-                     throughput=ThroughputCallback(model, tokens_per_sample, args.peak_tflops))
+                     throughput=ThroughputCallback(model, peak_tflops=args.peak_tflops))  # tokens_per_sample: now counted per batch
 
 
 def final_metrics(trainer: Trainer, result, evaluate: bool) -> dict:
