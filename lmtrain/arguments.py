@@ -76,7 +76,10 @@ class DataArguments:
         "help": "Raw training files/globs/dirs, prepared on the fly (classic run_clm spelling of --sources)."})
     sources: list[str] | None = field(default=None, metadata={
         "help": "Raw sources with mixture weights: NAME=PATH@WEIGHT (PATH: file, glob, directory, hub "
-                "dataset, or 'shakespeare', the built-in demo corpus). Default: shakespeare."})
+                "dataset, or 'shakespeare', the built-in demo corpus). Default: shakespeare. Per-source cleaning "
+                "overrides follow a colon: code=data/code/*.parquet@0.1:strip_html=false,min_chars=0 (keys: "
+                "unicode_normalization, remove_control_chars, strip_html, min_chars, max_chars, "
+                "max_duplicate_line_fraction, min_unique_word_fraction)."})
     validation_files: list[str] | None = field(default=None, metadata={
         "help": "Raw validation files; default: a document-level split of the training sources."})
     validation_split_percentage: float = field(default=1.0, metadata={
@@ -102,7 +105,9 @@ class DataArguments:
     # Cleaning steps, each switchable; see lmtrain/data/cleaning.py.
     unicode_normalization: str = field(default="NFC", metadata={"help": "NFC, NFKC or none."})
     remove_control_chars: bool = field(default=True, metadata={"help": "Remove control/zero-width characters."})
-    strip_html: bool = field(default=True, metadata={"help": "Remove HTML tags, scripts and comments."})
+    strip_html: bool = field(default=True, metadata={
+        "help": "Remove tags, scripts and comments, and decode entities, in documents that look like HTML (a page, "
+                "or a tag-dense fragment of prose); code and other text are kept as they are."})
     min_chars: int = field(default=20, metadata={"help": "Drop documents shorter than this (characters)."})
     max_chars: int = field(default=0, metadata={"help": "Drop documents longer than this (0: no limit)."})
     max_duplicate_line_fraction: float = field(default=0.3, metadata={"help": "Repetition filter (1: off)."})
