@@ -254,13 +254,13 @@ def _config_defaults(parser: HfArgumentParser, values: dict, path: str) -> dict:
             value = [value]
         if isinstance(value, list) and action.nargs not in ("+", "*") and key == "report_to":
             value = ",".join(str(v) for v in value) or "none"
-        if value is not None and not isinstance(value, (str, list, dict)) and action.type is not None:
-            value = str(value)  # numbers and booleans: converted by the option's own type, as a flag would be
-        try:
+        try:  # converted by the option's own type, as the same value given as a flag would be
             if isinstance(value, list) and action.type is not None:
                 value = [action.type(str(v)) for v in value]
-        except (TypeError, ValueError) as error:
-            raise UserError(f"config file {path}: {key}: {error}") from error
+            elif value is not None and not isinstance(value, dict) and action.type is not None:
+                value = action.type(str(value))
+        except Exception as error:  # ValueError, argparse.ArgumentTypeError
+            raise UserError(f"config file {path}: {key}: {value!r} is not a valid value ({error})") from error
         defaults[key] = value
     if unknown:
         import difflib

@@ -249,7 +249,9 @@ def _finish_from_checkpoint(trainer: Trainer, checkpoint: str):
     trainer.state = state
     logger.warning("%s already reached max_steps %d; the final save had not finished: saving the final model "
                    "from %s without training", checkpoint, trainer.args.max_steps, weights)
-    return TrainOutput(state.global_step, float("nan"), {})
+    logged = [row["loss"] for row in state.log_history if "loss" in row]
+    train_loss = sum(logged) / len(logged) if logged else float("nan")  # the mean of the logged losses
+    return TrainOutput(state.global_step, train_loss, {"train_loss": train_loss, "epoch": state.epoch})
 
 
 def run_training(trainer: Trainer, resume_from: str | None):

@@ -92,7 +92,9 @@ def test_non_empty_output_dir_without_checkpoint_is_refused(corpus_and_tokenizer
     out = tmp_path / "busy"
     out.mkdir()
     (out / "notes.txt").write_text("someone else's file")
-    with pytest.raises(FileExistsError, match="not empty"):
+    from lmtrain.errors import UserError
+
+    with pytest.raises(UserError, match="not empty"):
         pretrain.main(base_args(root, corpus, tokenizer_dir, out, "--max_steps", "1"))
     trainer, _ = pretrain.main(base_args(root, corpus, tokenizer_dir, out, "--max_steps", "1",
                                          "--overwrite_output_dir"))
