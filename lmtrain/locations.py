@@ -96,14 +96,48 @@ def load_from(loader, name: str, what: str = "--model", *args, needs: tuple[str,
     """`loader(name, *args, **kwargs)` (e.g. `AutoConfig.from_pretrained`) after `check_location`; a failed
     hub download or a broken directory becomes one UserError instead of chained tracebacks."""
     name = check_location(name, what, needs, kind)
+    unreachable = None
+    if not looks_local(name) and not _offline() and not kwargs.get("local_files_only"):
+        # huggingface_hub retries an unreachable hub for about a minute per file before falling back to its
+        # cache; one quick connection attempt decides whether to go straight to the cache instead.
+        unreachable = _hub_unreachable()
+        if unreachable:
+            kwargs["local_files_only"] = True
     try:
         return loader(name, *args, **kwargs)
     except OSError as error:  # transformers reports hub and file problems as OSError (EnvironmentError)
         first = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
         if looks_local(name):
             raise UserError(f"{what}: could not load the {kind} in {name}: {first}") from error
+        if unreachable:
+            raise UserError(f"{what}: no such directory: {name}, and could not load '{name}' from the hub: it "
+                            f"cannot be reached from here ({unreachable}) and the Hugging Face cache does not "
+                            f"hold it") from error
         raise UserError(f"{what}: no such directory: {name}, and could not load '{name}' from the hub "
                         f"(offline?): {first}") from error
+
+
+def _hub_unreachable(timeout: float = 3.0) -> str | None:
+    """Why the hub endpoint cannot be reached (name resolution or connection), or None when it can, or when
+    a proxy is configured (then only the real request can tell)."""
+    import socket
+    from urllib.parse import urlparse
+
+    if any(os.environ.get(v) for v in ("HTTPS_PROXY", "https_proxy", "HTTP_PROXY", "http_proxy", "ALL_PROXY",
+                                        "all_proxy")):
+        return None
+    try:
+        from huggingface_hub import constants
+
+        endpoint = urlparse(constants.ENDPOINT)
+    except Exception:  # pragma: no cover - an unusual huggingface_hub: let the real request decide
+        return None
+    port = endpoint.port or (443 if endpoint.scheme == "https" else 80)
+    try:
+        with socket.create_connection((endpoint.hostname, port), timeout=timeout):
+            return None
+    except OSError as error:
+        return f"{endpoint.scheme}://{endpoint.netloc}: {error.strerror or error}"
 
 
 def _offline() -> bool:

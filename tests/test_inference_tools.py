@@ -166,10 +166,26 @@ def test_hub_like_names_go_to_the_hub_and_fail_in_one_message(monkeypatch):
     monkeypatch.setattr(transformers.AutoConfig, "from_pretrained", offline)
     monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
     monkeypatch.delenv("TRANSFORMERS_OFFLINE", raising=False)
+    import lmtrain.locations
+
+    monkeypatch.setattr(lmtrain.locations, "_hub_unreachable", lambda: None)  # reachable, but the load fails
     with pytest.raises(UserError, match=r"could not load 'someorg/somemodel' from the hub \(offline\?\): We couldn't"):
         load_tokenizer("someorg/somemodel")
     with pytest.raises(UserError, match="--config_name: no such directory: someorg/cfg, and could not load"):
         resolve_config("someorg/cfg")
+    # an unreachable hub: straight to the cache (local_files_only), no minute of retries
+    seen = {}
+
+    def cache_only(name, *args, **kwargs):
+        seen.update(kwargs)
+        raise OSError("not in the cache")
+
+    monkeypatch.setattr(lmtrain.locations, "_hub_unreachable", lambda: "https://huggingface.co: no route")
+    monkeypatch.setattr(transformers.AutoTokenizer, "from_pretrained", cache_only)
+    with pytest.raises(UserError, match=r"cannot be reached from here \(https://huggingface.co: no route\) and the "
+                                        r"Hugging Face cache does not hold it"):
+        load_tokenizer("someorg/somemodel")
+    assert seen.get("local_files_only") is True
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")  # offline and not cached: refused before any loader runs
     with pytest.raises(UserError, match="offline mode .* does not hold 'someorg/somemodel'"):
         generate.main(["--model", "someorg/somemodel"])
@@ -238,6 +254,15 @@ def test_missing_model_in_a_subprocess_is_fast_and_never_contacts_the_hub(tmp_pa
     assert_one_message(tokenizer, "no such directory: outputs/nope")
     assert hub.connections == 0
     assert elapsed < 120  # two interpreter starts; each hub retry cycle alone took ~25 s
+
+    closed = socket.socket()
+    closed.bind(("127.0.0.1", 0))
+    port = closed.getsockname()[1]
+    closed.close()  # nothing listens there: the hub is unreachable
+    started = time.monotonic()
+    hub_name = run_script("generate.py", "--model", "someorg/somemodel", env={"HF_ENDPOINT": f"http://127.0.0.1:{port}"})
+    assert_one_message(hub_name, "no such directory: someorg/somemodel", "cannot be reached from here")
+    assert "Retrying" not in hub_name.stderr and time.monotonic() - started < 60  # ~25 s of retries before
 
 
 # --- 9.7: export --------------------------------------------------------------------------------------
