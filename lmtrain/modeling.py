@@ -54,6 +54,9 @@ def apply_overrides(config, overrides: str | None):
             targets = [v for v in rope.values() if isinstance(v, dict)] or [rope]
             for target in targets:
                 target[key] = _typed_value(key, raw, target.get(key, ROPE_KEYS[key]))
+        elif key in ("rope_parameters", "rope_scaling"):
+            raise UserError(f"--config_overrides {key}=...: {key} is a mapping; override its entries by name "
+                            f"(e.g. rope_theta=10000, rope_type=linear,factor=2.0)")
         else:
             near = difflib.get_close_matches(key, [*values, *(ROPE_KEYS if isinstance(rope, dict) else ())], n=3)
             hint = f"; did you mean {', '.join(near)}?" if near else ""
