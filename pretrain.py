@@ -14,7 +14,10 @@
     # A config file, with flags overriding it
     python pretrain.py examples/pretrain_tiny.yaml --max_steps 50
 
-Rerunning the same command resumes from the newest complete checkpoint in --output_dir.
+Rerunning the same command resumes from the newest complete checkpoint in --output_dir; once the run has
+finished (OUTPUT_DIR/lmtrain_complete.json) it does nothing and exits 0. --stop_after_steps N makes N more
+steps per run; --overwrite_output_dir starts fresh. OUTPUT_DIR/lmtrain_config.json repeats the run:
+    python pretrain.py OUTPUT_DIR/lmtrain_config.json --output_dir NEW_DIR
 """
 from __future__ import annotations
 

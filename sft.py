@@ -13,7 +13,10 @@ full fine-tuning (optionally DeepSpeed ZeRO-2/3) or LoRA.
     # LoRA, merged into a full model at the end
     python sft.py --use_lora --lora_r 16 --model_name_or_path outputs/demo/pretrain --output_dir outputs/sft-lora
 
-Rerunning the same command resumes from the newest complete checkpoint in --output_dir.
+Rerunning the same command resumes from the newest complete checkpoint in --output_dir; once the run has
+finished (OUTPUT_DIR/lmtrain_complete.json) it does nothing and exits 0. --stop_after_steps N makes N more
+steps per run; --overwrite_output_dir starts fresh. OUTPUT_DIR/lmtrain_config.json repeats the run:
+    python sft.py OUTPUT_DIR/lmtrain_config.json --output_dir NEW_DIR
 """
 from __future__ import annotations
 
