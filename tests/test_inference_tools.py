@@ -145,7 +145,8 @@ def test_missing_local_paths_are_one_message_without_loading(name, tmp_path, mon
     monkeypatch.chdir(tmp_path)
     (tmp_path / "outputs").mkdir()  # `outputs/nope` next to an outputs/ folder is a path, not a hub org
     assert looks_local(name)
-    for call in (lambda: generate.main(["--model", name]), lambda: evaluate.main(["--model", name, "--eval_files", "x"]),
+    for call in (lambda: generate.main(["--model", name]),
+                 lambda: evaluate.main(["--model", name, "--eval_files", "x"]),
                  lambda: export.main(["--model", name, "--output_dir", "out"]),
                  lambda: load_tokenizer(name)):
         with pytest.raises(UserError, match=f"no such (file or )?directory: {name}"):
@@ -260,7 +261,8 @@ def test_missing_model_in_a_subprocess_is_fast_and_never_contacts_the_hub(tmp_pa
     port = closed.getsockname()[1]
     closed.close()  # nothing listens there: the hub is unreachable
     started = time.monotonic()
-    hub_name = run_script("generate.py", "--model", "someorg/somemodel", env={"HF_ENDPOINT": f"http://127.0.0.1:{port}"})
+    hub_name = run_script("generate.py", "--model", "someorg/somemodel",
+                          env={"HF_ENDPOINT": f"http://127.0.0.1:{port}"})
     assert_one_message(hub_name, "no such directory: someorg/somemodel", "cannot be reached from here")
     assert "Retrying" not in hub_name.stderr and time.monotonic() - started < 60  # ~25 s of retries before
 
@@ -336,7 +338,8 @@ def test_evaluate_accepts_the_training_formats(model_dir, loaded, write_jsonl, t
         add_generation_prompt=True), add_special_tokens=False).input_ids).strip()
     records = [
         {"task": "eval-format", "messages": [{"role": "user", "content": question}], "answer": answer},
-        {"task": "openai", "messages": [{"role": "user", "content": question}, {"role": "assistant", "content": answer}]},
+        {"task": "openai", "messages": [{"role": "user", "content": question},
+                                        {"role": "assistant", "content": answer}]},
         {"task": "sharegpt", "conversations": [{"from": "human", "value": question}, {"from": "gpt", "value": answer}]},
         {"task": "alpaca", "instruction": question, "output": answer},
         {"task": "alpaca-system", "instruction": question, "output": with_system, "system": system},
