@@ -8,7 +8,12 @@
 
 The output directory memory-maps into training (`pretrain.py --dataset_path DIR`) and holds report.json:
 documents read, dropped per reason, duplicates removed, tokens, blocks, length percentiles, bytes per
-token, and each source's achieved token share. Run with --help for every cleaning switch.
+token, each source's achieved token share, the validation blocks per source, and the tokenizer's
+fingerprint (training with another tokenizer is refused; DIR/tokenizer is a copy of the one used).
+Validation blocks are packed per source and carry `source` and `num_bytes` columns, so evaluation can
+sample every source and report bits per byte of exactly the blocks it evaluated. An empty input file is
+skipped and counted as `empty_file`; a source whose every file is empty gives its weight to the others.
+Run with --help for every cleaning switch.
 """
 from __future__ import annotations
 

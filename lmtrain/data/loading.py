@@ -66,6 +66,8 @@ def select_eval_blocks(validation: datasets.Dataset | None, count: int | None, s
             quota[np.argmax(quota)] -= 1
             quota[index] = 1
     chosen = [rng.choice(np.flatnonzero(sources == name), size=int(k), replace=False) for name, k in zip(names, quota)]
+    logger.info("evaluating on %d of %d validation blocks (seeded, per source: %s)", count, len(sources),
+                ", ".join(f"{name} {k} of {size}" for name, k, size in zip(names, quota, sizes)))
     return validation.select(np.sort(np.concatenate(chosen)))
 
 
@@ -137,7 +139,7 @@ def _describe_difference(saved: dict, current: dict) -> str:
     return "the same vocabulary, but a probe text encodes to other ids (another normalizer or split rule)"
 
 
-def check_prepared_tokenizer(path: str, report: dict, tokenizer):
+def check_prepared_tokenizer(path: str, report: dict, tokenizer, prepare_script: str = "data_prep/prepare_pretrain.py"):
     """Refuse data prepared with another tokenizer: same-size vocabularies pass the id-range check, and the
     model would silently learn ids that mean other text. Compared: the fingerprint in report.json, else the
     tokenizer copy in DIR/tokenizer (older directories); with neither, a warning."""
@@ -162,7 +164,7 @@ def check_prepared_tokenizer(path: str, report: dict, tokenizer):
         f"run's tokenizer is '{current['name_or_path']}' ({_describe_difference(saved, current)}). Its token ids would "
         f"mean other text to this model. Train with --tokenizer_name "
         f"{copy_dir if hint else saved.get('name_or_path')}, or prepare the data again with "
-        f"data_prep/prepare_pretrain.py --tokenizer_name {current['name_or_path']}")
+        f"{prepare_script} --tokenizer_name {current['name_or_path']}")
 
 
 def _check_token_range(train: datasets.Dataset, tokenizer):

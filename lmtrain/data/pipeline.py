@@ -80,6 +80,10 @@ class PreparationReport:
             lines.append(f"source {name}: weight share {info['target_share']:.3f}, "
                          f"achieved token share {info['achieved_share']:.3f} ({info['train_tokens']} tokens, "
                          f"x{info['epochs']:.2f} of its data)")
+        if len(self.validation_sources) > 1:
+            lines.append("validation blocks per source: " + ", ".join(
+                f"{name} {info['blocks']} ({info['bytes_per_token']:.2f} bytes/token)"
+                for name, info in self.validation_sources.items()))
         lines.append("cache: " + ", ".join(f"{step}={state}" for step, state in self.cache.items()))
         return "\n".join(lines)
 
