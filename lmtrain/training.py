@@ -384,7 +384,7 @@ class LMTrainer(Trainer):
             self._token_stats = False
         stats = output.predictions
         if isinstance(stats, np.ndarray) and stats.ndim == 2 and stats.shape[1] == 3:
-            columns = self._eval_columns
+            columns = getattr(self, "_eval_columns", {})  # set by evaluate(); absent when called directly
             num_bytes = np.asarray(columns["num_bytes"], dtype=np.float64) if "num_bytes" in columns else None
             output.metrics.update(eval_figures(stats, columns.get("source"), num_bytes, self.eval_bytes_per_token,
                                                metric_key_prefix))  # eval_loss: now the token-weighted mean
