@@ -360,9 +360,12 @@ def save_resolved_config(output_dir: str, **groups) -> str:
 
 @dataclass
 class SFTDataArguments:
-    train_files: list[str] = field(default_factory=lambda: ["data/sft_demo/train.jsonl"], metadata={
+    dataset_path: str | None = field(default=None, metadata={
+        "help": "A directory prepared by data_prep/prepare_sft.py (memory-mapped; instead of --train_files)."})
+    train_files: list[str] | None = field(default=None, metadata={
         "help": "SFT files (jsonl/json/parquet, globs, directories) or hub datasets: OpenAI 'messages', "
-                "ShareGPT 'conversations' or Alpaca 'instruction'/'input'/'output' records."})
+                "ShareGPT 'conversations' or Alpaca 'instruction'/'input'/'output' records. "
+                "Default (without --dataset_path): data/sft_demo/train.jsonl."})
     validation_files: list[str] | None = field(default=None, metadata={"help": "Held-out SFT files."})
     validation_split_percentage: float = field(default=2.0, metadata={
         "help": "Percent of samples held out when no --validation_files (split before packing, seeded). "
@@ -386,8 +389,19 @@ class SFTDataArguments:
         "help": "Use at most this many train rows (a seeded random subset, --prepare_seed)."})
     max_eval_samples: int | None = field(default=None, metadata={
         "help": "Use at most this many eval rows (a seeded random subset: packed rows come longest first)."})
+    preprocessing_num_workers: int | None = field(default=None, metadata={
+        "help": "Processes that render and tokenize (datasets.map num_proc)."})
+    prepared_cache_dir: str | None = field(default=None, metadata={
+        "help": "Cache of preparation steps (default ~/.cache/lmtrain/prepared); reruns with the same files, "
+                "tokenizer, template and settings reuse it."})
+    overwrite_cache: bool = field(default=False, metadata={"help": "Ignore cached preparation results."})
 
     def __post_init__(self):
+        if self.dataset_path and (self.train_files or self.validation_files):
+            raise ValueError("--dataset_path is already prepared SFT data; do not also give --train_files or "
+                             "--validation_files (prepare them into a directory with data_prep/prepare_sft.py)")
+        if not self.dataset_path and not self.train_files:
+            self.train_files = ["data/sft_demo/train.jsonl"]
         if self.packing and self.padding_free:
             raise ValueError("--padding_free applies to unpacked batches; pass --packing false with it")
         if self.max_length < 8:

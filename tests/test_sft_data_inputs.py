@@ -75,7 +75,7 @@ BAD_RECORDS = {
                                          {"role": "assistant", "content": ["a", "list"]}]}, "must be a string"),
     "unknown_role": ({"messages": [{"role": "user", "content": "hi"}, {"role": "assitant", "content": "x"}]},
                      "unknown role"),
-    "malformed_record": ('{"messages": [', "not a UTF-8 JSON object"),
+    "malformed_json": ('{"messages": [', "malformed JSON"),  # the shared reader's reason and message
 }
 
 

@@ -115,7 +115,7 @@ def assistant_spans(tokenizer, messages: list[dict]) -> tuple[str, list[tuple[in
         if message["role"] != "assistant":
             continue
         prefix, _ = _render(tokenizer, messages[:i], add_generation_prompt=True) if i else ("", None)
-        upto, _ = _render(tokenizer, messages[:i + 1])
+        upto = text if i == len(messages) - 1 else _render(tokenizer, messages[:i + 1])[0]  # one render less
         if not text.startswith(upto) or not upto.startswith(prefix):
             raise UserError("the chat template renders a conversation's prefixes inconsistently, so the answers "
                             "cannot be located; add {% generation %} ... {% endgeneration %} around what the "
@@ -178,9 +178,9 @@ def _mask_from_spans(offsets: list[tuple[int, int]], spans: list[tuple[int, int]
     return mask
 
 
-def render_conversation(tokenizer, messages: list[dict]) -> tuple[list[int], list[int]]:
-    """Token ids and the assistant mask (1: the token carries loss), the same with and without
-    {% generation %} markers; special-token strings inside message content are encoded as plain text."""
+def render_text(tokenizer, messages: list[dict]) -> tuple[str, list[tuple[int, int]], list[tuple[int, int]]]:
+    """(rendered text, char spans that carry loss, char ranges of special strings that are content).
+    With no such literal, encoding the text as one piece is exact, so callers may batch-encode it."""
     specials = _pattern(_special_strings(tokenizer))
     marked, any_marked = _mark_literals(messages, specials)
     text, spans = assistant_spans(tokenizer, marked)
@@ -188,5 +188,33 @@ def render_conversation(tokenizer, messages: list[dict]) -> tuple[list[int], lis
     if any_marked:
         text, literals, position = _unmark(text, specials)
         spans = [(position[a], position[b]) for a, b in spans]
+    return text, spans, literals
+
+
+def mask_from_offsets(offsets: list[tuple[int, int]], spans: list[tuple[int, int]]):
+    """_mask_from_spans on NumPy (a bool array; the batched path's hot loop): the same first-token-holding-
+    the-char rule, the same open end when the last char is in no token (or in token 0)."""
+    import numpy as np
+
+    bounds = np.asarray(offsets, dtype=np.int64).reshape(-1, 2)
+    starts, ends = bounds[:, 0], bounds[:, 1]
+    mask = np.zeros(len(bounds), dtype=bool)
+
+    def holding(char: int) -> int | None:
+        hit = np.flatnonzero((starts <= char) & (char < ends))
+        return int(hit[0]) if len(hit) else None
+
+    for start, end in spans:
+        first, last = holding(start), holding(end - 1)
+        if first is None:
+            break
+        mask[first:last + 1 if last else len(bounds)] = True
+    return mask
+
+
+def render_conversation(tokenizer, messages: list[dict]) -> tuple[list[int], list[int]]:
+    """Token ids and the assistant mask (1: the token carries loss), the same with and without
+    {% generation %} markers; special-token strings inside message content are encoded as plain text."""
+    text, spans, literals = render_text(tokenizer, messages)
     ids, offsets = _encode(tokenizer, text, literals)
     return ids, _mask_from_spans(offsets, spans)

@@ -7,10 +7,7 @@ never by comparing token ids with the pad id, so padding can never hide a real e
 """
 from __future__ import annotations
 
-import bisect
-import json
 import logging
-import os
 from collections import Counter
 from dataclasses import dataclass, field
 
@@ -18,8 +15,8 @@ import numpy as np
 
 from lmtrain.data.packing import IGNORE_INDEX, positions_in_segments
 from lmtrain.data.chat_render import RecordProblem, has_generation_markers, render_conversation  # noqa: F401
+from lmtrain.data.sft_rows import pack_bins
 from lmtrain.data.sources import DataError
-from lmtrain.errors import UserError
 
 logger = logging.getLogger(__name__)
 SHAREGPT_ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant",
@@ -119,10 +116,15 @@ def encode_conversation(tokenizer, messages: list[dict], max_length: int,
             if keep < 0:
                 keep = min(prompt, max_length // 2)
             ids, mask = ids[prompt - keep:prompt - keep + max_length], mask[prompt - keep:prompt - keep + max_length]
+    return ids, labels_from_mask(ids, mask, train_on_prompt), truncated
+
+
+def labels_from_mask(ids: list[int], mask: list[int], train_on_prompt: bool) -> list[int]:
+    """Labels of one sample; a RecordProblem when no label is left to train on."""
     labels = list(ids) if train_on_prompt else [t if m else IGNORE_INDEX for t, m in zip(ids, mask)]
     if not any(label != IGNORE_INDEX for label in labels[1:]):  # the first label is never predicted
         raise RecordProblem("no_trainable_tokens", "no token left to train on (is the answer empty?)")
-    return ids, labels, truncated
+    return labels
 
 
 def encode_sample(tokenizer, messages: list[dict], max_length: int, train_on_prompt: bool, stats: SFTStats,
@@ -145,23 +147,11 @@ def encode_sample(tokenizer, messages: list[dict], max_length: int, train_on_pro
     return ids, labels
 
 
-def pack_samples(lengths: list[int], capacity: int) -> list[list[int]]:
-    """First-fit decreasing bin packing of whole samples (none is split) into bins of `capacity` tokens."""
-    order = sorted(range(len(lengths)), key=lambda i: -lengths[i])
-    bins: list[list[int]] = []
-    free: list[tuple[int, int]] = []  # (free space, bin index), sorted
-    for i in order:
-        slot = bisect.bisect_left(free, (lengths[i], -1))
-        if slot == len(free):
-            bins.append([i])
-            space, index = capacity - lengths[i], len(bins) - 1
-        else:
-            space, index = free.pop(slot)
-            bins[index].append(i)
-            space -= lengths[i]
-        if space > 0:
-            bisect.insort(free, (space, index))
-    return bins
+def pack_samples(lengths, capacity: int) -> list[list[int]]:
+    """First-fit decreasing bin packing of whole samples (none is split) into bins of `capacity` tokens, as
+    lists (small sets, tests). The preparation pipeline uses the array form, lmtrain.data.sft_rows.pack_bins."""
+    order, starts = pack_bins(np.asarray(lengths), capacity)
+    return [order[a:b].tolist() for a, b in zip(starts[:-1], starts[1:])]
 
 
 def build_rows(samples: list[tuple[list[int], list[int]]], max_length: int, pack: bool, pad_id: int) -> dict:
@@ -183,65 +173,6 @@ def build_rows(samples: list[tuple[list[int], list[int]]], max_length: int, pack
     return rows
 
 
-def read_sft_records(path: str, lenient: bool, stats: SFTStats):
-    """(where, record) pairs from a jsonl / json / parquet SFT file, decoded by the pretraining reader's rules
-    (lmtrain.data.sources.read_jsonl): a UTF-8 byte-order mark is accepted, empty files are skipped, a bad
-    line is a drop counted by reason or (strict) a DataError naming file:line."""
-    from lmtrain.data.sources import ReadStats
-
-    read_stats = ReadStats()
-    if os.path.getsize(path) == 0:
-        logger.warning("%s is empty: skipped", path)
-        return
-    if path.endswith(".parquet"):
-        import pyarrow.parquet as pq
-
-        for index, record in enumerate(pq.read_table(path).to_pylist()):
-            yield f"{path} row {index}", record
-        return
-    with open(path, "rb") as handle:
-        head = handle.read(64).lstrip().removeprefix(b"\xef\xbb\xbf").lstrip()
-    if path.endswith(".json") and head.startswith(b"["):
-        try:
-            records = json.loads(open(path, encoding="utf-8-sig").read())
-        except (json.JSONDecodeError, UnicodeDecodeError) as err:
-            raise DataError(f"{path}: not a valid JSON array ({err})") from None
-        for index, record in enumerate(records):
-            yield f"{path}[{index}]", record
-        return
-    with open(path, "rb") as handle:
-        for line_number, raw in enumerate(handle, start=1):
-            if not raw.strip():
-                continue
-            where = f"{path}:{line_number}"
-            try:
-                # utf-8-sig on the first line: files saved by Windows tools start with a byte-order mark.
-                record = json.loads(raw.decode("utf-8-sig" if line_number == 1 else "utf-8"))
-            except (UnicodeDecodeError, json.JSONDecodeError) as err:
-                read_stats.drop("malformed_record", where, not lenient, f"not a UTF-8 JSON object ({err})")
-                stats.dropped["malformed_record"] += 1
-                continue
-            yield where, record
-
-
-def iter_sft_records(location: str, lenient: bool, stats: SFTStats):
-    from lmtrain.data.sources import expand_location
-
-    files = expand_location(location)
-    if files is None:  # a hub dataset or a save_to_disk directory
-        import datasets
-
-        dataset = (datasets.load_from_disk(location) if os.path.isdir(location)
-                   else datasets.load_dataset(location, split="train"))
-        if isinstance(dataset, datasets.DatasetDict):
-            dataset = dataset["train"]
-        for index, record in enumerate(dataset):
-            yield f"{location}[{index}]", record
-        return
-    for path in files:
-        yield from read_sft_records(path, lenient, stats)
-
-
 def record_to_messages(record, where: str) -> list[dict]:
     """A read record -> checked messages; every problem is a RecordProblem (a record problem, not policy)."""
     if not isinstance(record, dict):
@@ -258,31 +189,6 @@ def record_to_messages(record, where: str) -> list[dict]:
     return messages
 
 
-def encode_records(locations: list[str], tokenizer, max_length: int, train_on_prompt: bool, lenient: bool,
-                   stats: SFTStats) -> list[tuple[list[int], list[int]]]:
-    """Every record of `locations` as (input_ids, labels). Lenient: a record problem (bad format, unknown
-    role, non-string content, no assistant turn, a turn order the template rejects, nothing trainable) is
-    dropped and counted by reason. Strict (--lenient false): it is a DataError naming file:line. Truncation is
-    policy, not a problem: counted in `truncated`, in both modes."""
-    samples = []
-    for location in locations:
-        for where, record in iter_sft_records(location, lenient, stats):
-            try:
-                messages = record_to_messages(record, where)
-            except RecordProblem as err:
-                if not lenient:
-                    raise DataError(f"{where}: {err} (with --lenient true such records are dropped and "
-                                    f"counted)") from None
-                stats.dropped[err.reason] += 1
-                if stats.dropped[err.reason] <= 3:
-                    logger.warning("dropping record at %s: %s", where, err)
-                continue
-            sample = encode_sample(tokenizer, messages, max_length, train_on_prompt, stats, where, lenient)
-            if sample is not None:
-                samples.append(sample)
-    return samples
-
-
 def limit_rows(dataset, limit: int | None, seed: int):
     """At most `limit` rows, chosen at random (seeded) and kept in their order. Packed rows come out of the
     packer longest samples first, so the first rows would be the longest samples, not a sample of the set."""
@@ -292,50 +198,11 @@ def limit_rows(dataset, limit: int | None, seed: int):
     return dataset.select(chosen.tolist())
 
 
-def split_validation(samples: list, percentage: float, seed: int, evaluate: bool) -> tuple[list, list]:
-    """(train, validation) by a seeded per-sample draw, before packing so no sample is in both splits.
-    When evaluation is requested and the draw holds out nothing (2% of 20 samples), one sample is held out
-    (and logged); with --validation_split_percentage 0 evaluation has nothing to run on: refused."""
-    held_out = np.random.default_rng(seed).random(len(samples)) < percentage / 100
-    if evaluate and not held_out.any():
-        if percentage <= 0 or len(samples) < 2:
-            raise UserError(f"evaluation is requested (--eval_strategy) but no validation sample is left "
-                            f"({len(samples)} samples, --validation_split_percentage {percentage:g}); pass "
-                            f"--validation_files, raise --validation_split_percentage, or set --eval_strategy no")
-        held_out[np.random.default_rng(seed).integers(len(samples))] = True
-        logger.warning("--validation_split_percentage %g of %d samples holds out none: holding out 1 sample "
-                       "for evaluation", percentage, len(samples))
-    return ([s for s, h in zip(samples, held_out) if not h], [s for s, h in zip(samples, held_out) if h])
-
-
 def prepare_sft_data(args, tokenizer, evaluate: bool = False):
-    """SFTDataArguments -> (DatasetDict of rows, report dict). `evaluate`: the run evaluates, so a
-    validation split must exist (see split_validation)."""
-    import datasets
+    """SFTDataArguments -> (DatasetDict of rows, report dict): prepared data from --dataset_path, or the
+    files prepared now (cached). See lmtrain.data.sft_prepare."""
+    from lmtrain.data.sft_prepare import load_prepared_sft, prepare_sft_files
 
-    stats = SFTStats()
-    samples = encode_records(args.train_files, tokenizer, args.max_length, args.train_on_prompt, args.lenient, stats)
-    if args.validation_files:
-        validation = encode_records(args.validation_files, tokenizer, args.max_length, args.train_on_prompt,
-                                    args.lenient, stats)
-        if evaluate and not validation:
-            raise DataError(f"evaluation is requested but --validation_files {' '.join(args.validation_files)} "
-                            f"give no sample (dropped: {dict(stats.dropped)}); check those files")
-    else:
-        samples, validation = split_validation(samples, args.validation_split_percentage, args.prepare_seed,
-                                               evaluate and bool(samples))
-    if not samples:
-        raise DataError(f"no SFT sample left to train on (dropped: {dict(stats.dropped)}); check the files, "
-                        f"their format and --max_length")
-    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-    splits = {"train": datasets.Dataset.from_dict(build_rows(samples, args.max_length, args.packing, pad_id))}
-    if validation:
-        splits["validation"] = datasets.Dataset.from_dict(build_rows(validation, args.max_length, args.packing, pad_id))
-    report = {"samples": stats.samples, "train_samples": len(samples), "validation_samples": len(validation),
-              "truncated": stats.truncated, "dropped": dict(stats.dropped), "tokens": stats.tokens,
-              "trainable_tokens": stats.trainable_tokens, "rows": {k: len(v) for k, v in splits.items()},
-              "packing": args.packing}
-    logger.info("SFT data: %d samples (%d train, %d validation), %d truncated, dropped %s, %d of %d tokens "
-                "trainable, rows %s", stats.samples, len(samples), len(validation), stats.truncated,
-                dict(stats.dropped) or "none", stats.trainable_tokens, stats.tokens, report["rows"])
-    return datasets.DatasetDict(splits), report
+    if getattr(args, "dataset_path", None):
+        return load_prepared_sft(args, tokenizer, evaluate)
+    return prepare_sft_files(args, tokenizer, evaluate)

@@ -156,10 +156,9 @@ def _check_text(value, where: str, text_field: str, stats: ReadStats, strict: bo
     return value
 
 
-def read_jsonl(path: str, text_field: str, stats: ReadStats, strict: bool) -> Iterator[str]:
-    """Yield texts line by line; reads bytes so that a non-UTF-8 line is reported with its line number."""
-    seen_fields: Counter = Counter()
-    objects = with_field = 0
+def read_jsonl_records(path: str, stats: ReadStats, strict: bool) -> Iterator[tuple[str, dict]]:
+    """(where, record) for each JSON object of a JSON-lines file. Reads bytes, so a non-UTF-8 line is
+    reported with its line number; a bad line is a counted drop or (strict) a DataError naming file:line."""
     with open(path, "rb") as handle:
         for line_number, raw in enumerate(handle, start=1):
             where = f"{path}:{line_number}"
@@ -181,19 +180,111 @@ def read_jsonl(path: str, text_field: str, stats: ReadStats, strict: bool) -> It
             if not isinstance(record, dict):
                 stats.drop("not_an_object", where, strict, f"expected a JSON object, got {type(record).__name__}")
                 continue
-            objects += 1
-            seen_fields.update(record.keys())
-            if text_field in record:
-                with_field += 1
-            elif with_field == 0 and objects >= FIELD_CHECK_RECORDS:
-                _raise_wrong_field(path, text_field, seen_fields)
-            elif strict and with_field == 0:
-                _raise_wrong_field(f"{where}", text_field, seen_fields)
-            text = _check_text(record.get(text_field), where, text_field, stats, strict)
-            if text is not None:
-                yield text
+            yield where, record
+
+
+def read_json_array_records(path: str, stats: ReadStats, strict: bool) -> Iterator[tuple[str, dict]]:
+    """(where, record) of a `.json` file: a JSON array, or JSON lines (many ".json" files really are)."""
+    with open(path, "rb") as handle:
+        head = handle.read(64).lstrip().removeprefix(b"\xef\xbb\xbf").lstrip()
+    if not head.startswith(b"["):
+        yield from read_jsonl_records(path, stats, strict)
+        return
+    try:
+        records = json.loads(Path(path).read_text(encoding="utf-8-sig"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise DataError(f"{path}: not a valid JSON array ({err})") from None
+    for index, record in enumerate(records):
+        stats.records_read += 1
+        where = f"{path}[{index}]"
+        if not isinstance(record, dict):
+            stats.drop("not_an_object", where, strict, f"expected a JSON object, got {type(record).__name__}")
+            continue
+        yield where, record
+
+
+def read_parquet_records(path: str, stats: ReadStats, columns: list[str] | None = None
+                         ) -> Iterator[tuple[str, dict]]:
+    """(where, record) per row of a parquet file, read in batches (never the whole file at once)."""
+    import pyarrow.parquet as pq
+
+    parquet = pq.ParquetFile(path)
+    missing = [c for c in columns or [] if c not in parquet.schema_arrow.names]
+    if missing:
+        raise DataError(f"{path}: no column '{missing[0]}'; columns: {', '.join(parquet.schema_arrow.names)}. "
+                        f"Pass --text_field with the right name")
+    row = 0
+    for batch in parquet.iter_batches(columns=columns, batch_size=8192):
+        for record in batch.to_pylist():
+            stats.records_read += 1
+            yield f"{path} row {row}", record
+            row += 1
+
+
+def read_hub_records(name: str, split: str, stats: ReadStats, required_column: str | None = None
+                     ) -> Iterator[tuple[str, dict]]:
+    """(where, record) of a hub dataset name (`name` or `name:config`, streamed) or a `save_to_disk`
+    directory."""
+    import datasets
+
+    if os.path.isdir(name):
+        dataset = datasets.load_from_disk(name)
+        if isinstance(dataset, datasets.DatasetDict):
+            dataset = dataset[split]
+    else:
+        repo, _, config = name.partition(":")
+        dataset = datasets.load_dataset(repo, config or None, split=split, streaming=True)
+    columns = dataset.column_names or []
+    if required_column and columns and required_column not in columns:
+        raise DataError(f"dataset '{name}': no column '{required_column}'; columns: {', '.join(columns)}")
+    for index, record in enumerate(dataset):
+        stats.records_read += 1
+        yield f"{name}[{index}]", record
+
+
+def read_records(path: str, stats: ReadStats, strict: bool) -> Iterator[tuple[str, dict]]:
+    """(where, record) of one record file (jsonl / json / parquet), the core every stage reads through.
+    An empty file is skipped (listed in stats.empty_files); `where` is file:line, file[index] or file row N."""
+    if os.path.getsize(path) == 0:
+        logger.warning("%s is empty: skipped", path)
+        stats.empty_files.append(path)
+        return
+    suffix = Path(path).suffix.lower()
+    if suffix == ".jsonl":
+        yield from read_jsonl_records(path, stats, strict)
+    elif suffix == ".json":
+        yield from read_json_array_records(path, stats, strict)
+    elif suffix == ".parquet":
+        yield from read_parquet_records(path, stats)
+    else:
+        raise DataError(f"{path}: records are read from .jsonl, .json or .parquet files, not '{suffix}'")
+
+
+def _texts_of_records(records: Iterator[tuple[str, dict]], path: str, text_field: str, stats: ReadStats,
+                      strict: bool) -> Iterator[str]:
+    """The `text_field` of each record. A field that none of the first FIELD_CHECK_RECORDS records has (or,
+    strict, the first record lacks) is a wrong column name: an error, not thousands of drops."""
+    seen_fields: Counter = Counter()
+    objects = with_field = 0
+    for where, record in records:
+        objects += 1
+        seen_fields.update(record.keys())
+        if text_field in record:
+            with_field += 1
+        elif with_field == 0 and objects >= FIELD_CHECK_RECORDS:
+            _raise_wrong_field(path, text_field, seen_fields)
+        elif strict and with_field == 0:
+            _raise_wrong_field(f"{where}", text_field, seen_fields)
+        text = _check_text(record.get(text_field), where, text_field, stats, strict)
+        if text is not None:
+            yield text
     if objects and not with_field:
         _raise_wrong_field(path, text_field, seen_fields)
+
+
+def read_jsonl(path: str, text_field: str, stats: ReadStats, strict: bool) -> Iterator[str]:
+    """Yield texts line by line (see read_jsonl_records)."""
+    yield from _texts_of_records(read_jsonl_records(path, stats, strict), path, text_field, stats, strict)
 
 
 def _raise_wrong_field(path: str, text_field: str, seen_fields: Counter):
@@ -203,26 +294,7 @@ def _raise_wrong_field(path: str, text_field: str, seen_fields: Counter):
 
 
 def read_json_array(path: str, text_field: str, stats: ReadStats, strict: bool) -> Iterator[str]:
-    with open(path, "rb") as handle:
-        head = handle.read(64).lstrip()
-    if not head.startswith(b"["):
-        yield from read_jsonl(path, text_field, stats, strict)  # many ".json" files are really JSON lines
-        return
-    try:
-        records = json.loads(Path(path).read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError) as err:
-        raise DataError(f"{path}: not a valid JSON array ({err})") from None
-    if records and not any(isinstance(r, dict) and text_field in r for r in records):
-        _raise_wrong_field(path, text_field, Counter(k for r in records if isinstance(r, dict) for k in r))
-    for index, record in enumerate(records):
-        stats.records_read += 1
-        where = f"{path}[{index}]"
-        if not isinstance(record, dict):
-            stats.drop("not_an_object", where, strict, f"expected a JSON object, got {type(record).__name__}")
-            continue
-        text = _check_text(record.get(text_field), where, text_field, stats, strict)
-        if text is not None:
-            yield text
+    yield from _texts_of_records(read_json_array_records(path, stats, strict), path, text_field, stats, strict)
 
 
 def read_txt(path: str, unit: str, stats: ReadStats, strict: bool) -> Iterator[str]:
@@ -264,39 +336,16 @@ def read_txt(path: str, unit: str, stats: ReadStats, strict: bool) -> Iterator[s
 
 
 def read_parquet(path: str, text_field: str, stats: ReadStats, strict: bool) -> Iterator[str]:
-    import pyarrow.parquet as pq
-
-    parquet = pq.ParquetFile(path)
-    if text_field not in parquet.schema_arrow.names:
-        raise DataError(f"{path}: no column '{text_field}'; columns: {', '.join(parquet.schema_arrow.names)}. "
-                        f"Pass --text_field with the right name")
-    row = 0
-    for batch in parquet.iter_batches(columns=[text_field], batch_size=8192):
-        for value in batch.column(0).to_pylist():
-            stats.records_read += 1
-            text = _check_text(value, f"{path} row {row}", text_field, stats, strict)
-            row += 1
-            if text is not None:
-                yield text
+    for where, record in read_parquet_records(path, stats, columns=[text_field]):
+        text = _check_text(record[text_field], where, text_field, stats, strict)
+        if text is not None:
+            yield text
 
 
 def read_hub_dataset(name: str, text_field: str, split: str, stats: ReadStats, strict: bool) -> Iterator[str]:
-    """A hub dataset name (`name` or `name:config`) or a `save_to_disk` directory, streamed."""
-    import datasets
-
-    if os.path.isdir(name):
-        dataset = datasets.load_from_disk(name)
-        if isinstance(dataset, datasets.DatasetDict):
-            dataset = dataset[split]
-    else:
-        repo, _, config = name.partition(":")
-        dataset = datasets.load_dataset(repo, config or None, split=split, streaming=True)
-    columns = dataset.column_names or []
-    if columns and text_field not in columns:
-        raise DataError(f"dataset '{name}': no column '{text_field}'; columns: {', '.join(columns)}")
-    for index, record in enumerate(dataset):
-        stats.records_read += 1
-        text = _check_text(record.get(text_field), f"{name}[{index}]", text_field, stats, strict)
+    """Texts of a hub dataset or a `save_to_disk` directory (see read_hub_records)."""
+    for where, record in read_hub_records(name, split, stats, required_column=text_field):
+        text = _check_text(record.get(text_field), where, text_field, stats, strict)
         if text is not None:
             yield text
 
