@@ -48,7 +48,7 @@ def main(argv=None):
     from transformers import AutoModelForCausalLM
 
     from lmtrain.locations import check_adapter_location, check_model_location, load_from, parse_dtype
-    from lmtrain.modeling import generation_config_for
+    from lmtrain.model.building import generation_config_for
     from lmtrain.tokenizer import load_tokenizer
 
     (args,) = parse_arguments([ExportArguments], argv)

@@ -31,10 +31,10 @@ from transformers import set_seed  # noqa: E402
 
 from lmtrain.arguments import DataArguments, ModelArguments, TrainArguments, parse_arguments, save_resolved_config  # noqa: E402
 from lmtrain.data.loading import load_pretrain_data  # noqa: E402
-from lmtrain.modeling import build_model  # noqa: E402
+from lmtrain.model.building import build_model  # noqa: E402
 from lmtrain.tokenizer import load_tokenizer  # noqa: E402
-from lmtrain.training import (build_trainer, completed_run, end_of_training, final_metrics,  # noqa: E402
-                              mark_run_complete, resolve_resume, run_training, save_final_model)
+from lmtrain.training.checkpoints import completed_run, mark_run_complete, resolve_resume  # noqa: E402
+from lmtrain.training.trainer import build_trainer, end_of_training, final_metrics, run_training, save_final_model  # noqa: E402
 from lmtrain.errors import run_entry_point  # noqa: E402
 
 logger = logging.getLogger("pretrain")

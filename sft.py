@@ -33,12 +33,12 @@ from transformers import set_seed  # noqa: E402
 from lmtrain.arguments import (LoraArguments, ModelArguments, SFTDataArguments, SFTTrainArguments,  # noqa: E402
                                parse_arguments, save_resolved_config)
 from lmtrain.data.sft import limit_rows, prepare_sft_data  # noqa: E402
-from lmtrain.lora import apply_lora, save_lora_model  # noqa: E402
-from lmtrain.modeling import build_model  # noqa: E402
+from lmtrain.model.lora import apply_lora, save_lora_model  # noqa: E402
+from lmtrain.model.building import build_model  # noqa: E402
 from lmtrain.tokenizer import load_tokenizer  # noqa: E402
-from lmtrain.training import (PadToLongestCollator, build_trainer, collate_packed_blocks,  # noqa: E402
-                              completed_run, end_of_training, final_metrics, mark_run_complete,
-                              resolve_resume, run_training, save_final_model)
+from lmtrain.training.checkpoints import completed_run, mark_run_complete, resolve_resume  # noqa: E402
+from lmtrain.training.collators import PadToLongestCollator, collate_packed_blocks  # noqa: E402
+from lmtrain.training.trainer import build_trainer, end_of_training, final_metrics, run_training, save_final_model  # noqa: E402
 from lmtrain.errors import run_entry_point  # noqa: E402
 
 logger = logging.getLogger("sft")

@@ -64,7 +64,7 @@ class ModelArguments:
                              "not both; with weights, change the config through --config_overrides")
         if self.config_overrides and not (self.config_name or self.model_name_or_path):
             self.config_name = "qwen2-tiny"
-        from lmtrain.modeling import check_attention_name  # here, so a typo fails before data preparation
+        from lmtrain.model.attention import check_attention_name  # here, so a typo fails before data preparation
         check_attention_name(self.attn_implementation)
 
 

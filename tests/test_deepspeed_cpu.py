@@ -18,7 +18,7 @@ import torch
 
 import pretrain
 from lmtrain.data.demo_corpus import ensure_demo_corpus
-from lmtrain.modeling import resolve_config
+from lmtrain.model.config import resolve_config
 from lmtrain.tokenizer import train_bpe_tokenizer
 
 REPO = Path(__file__).resolve().parents[1]

@@ -19,7 +19,7 @@ import pretrain
 from lmtrain.errors import UserError
 from lmtrain.evaluation import evaluate_text, exact_match
 from lmtrain.generation import SamplingArguments, diversity, generate_file, generate_texts
-from lmtrain.modeling import resolve_config
+from lmtrain.model.config import resolve_config
 from lmtrain.tokenizer import IM_END, load_tokenizer
 from test_pretrain import base_args, corpus_and_tokenizer  # noqa: F401 (a fixture)
 

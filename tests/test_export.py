@@ -10,8 +10,8 @@ import torch
 
 import export
 from lmtrain.arguments import LoraArguments
-from lmtrain.lora import apply_lora
-from lmtrain.modeling import resolve_config
+from lmtrain.model.lora import apply_lora
+from lmtrain.model.config import resolve_config
 
 TINY = "hidden_size=32,intermediate_size=64,num_hidden_layers=2,num_attention_heads=2,num_key_value_heads=1"
 

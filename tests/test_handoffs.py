@@ -14,7 +14,7 @@ import pytest
 import torch
 
 import export
-from lmtrain.modeling import resolve_config
+from lmtrain.model.config import resolve_config
 from lmtrain.tokenizer import RELOAD_PROBE
 
 ROOT = Path(__file__).resolve().parent.parent

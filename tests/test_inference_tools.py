@@ -25,7 +25,7 @@ from lmtrain.errors import UserError
 from lmtrain.evaluation import greedy_chat_answers, load_chat_eval
 from lmtrain.generation import SamplingArguments, chat_loop, encode_prompts, load_for_inference
 from lmtrain.locations import looks_local, parse_dtype
-from lmtrain.modeling import resolve_config
+from lmtrain.model.config import resolve_config
 from lmtrain.tokenizer import IM_END, load_tokenizer
 
 REPO = Path(__file__).resolve().parents[1]

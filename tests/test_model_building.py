@@ -18,7 +18,8 @@ import pretrain
 import sft
 from lmtrain.arguments import ModelArguments
 from lmtrain.errors import UserError
-from lmtrain.modeling import build_model, resolve_config
+from lmtrain.model.building import build_model
+from lmtrain.model.config import resolve_config
 
 REPO = Path(__file__).resolve().parents[1]
 TINY = "hidden_size=32,intermediate_size=64,num_hidden_layers=2,num_attention_heads=2,num_key_value_heads=1"
@@ -81,7 +82,7 @@ def test_unknown_attention_is_refused_before_data_loading(tiny_tokenizer_dir, tm
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="the CPU fallback")
 def test_flex_attention_on_cpu_falls_back_to_sdpa_and_trains(tiny_tokenizer, caplog):
-    with caplog.at_level(logging.WARNING, logger="lmtrain.modeling"):
+    with caplog.at_level(logging.WARNING, logger="lmtrain.model.attention"):
         model = build_model(ModelArguments(config_name="qwen2-tiny", config_overrides=TINY,
                                            attn_implementation="flex_attention"), tiny_tokenizer)
     assert model.config._attn_implementation == "sdpa"

@@ -122,7 +122,7 @@ def test_classic_run_clm_launch_flags_run_unchanged(corpus_and_tokenizer, tmp_pa
     """The flags of a typical tutorial launch script (run_clm / happy-llm style), old spellings included."""
     root, corpus, tokenizer_dir = corpus_and_tokenizer
     config_dir = tmp_path / "qwen-config"
-    from lmtrain.modeling import resolve_config
+    from lmtrain.model.config import resolve_config
 
     resolve_config("qwen2-tiny", TINY).save_pretrained(config_dir)
     out = tmp_path / "classic"
@@ -153,7 +153,7 @@ def test_tokenizer_that_changes_on_reload_is_refused_before_data_preparation(cor
 def test_vocabulary_mismatch_with_pretrained_weights_is_a_clear_error(corpus_and_tokenizer, tmp_path):
     from transformers import AutoModelForCausalLM
 
-    from lmtrain.modeling import resolve_config
+    from lmtrain.model.config import resolve_config
 
     root, corpus, tokenizer_dir = corpus_and_tokenizer
     small = resolve_config("qwen2-tiny", TINY + ",vocab_size=256")

@@ -180,7 +180,7 @@ def test_files_of_a_failed_first_attempt_do_not_block_the_corrected_rerun(args, 
 
 def test_early_files_of_both_stages_are_ours(tmp_path):
     from lmtrain.arguments import TrainArguments
-    from lmtrain.training import resolve_resume
+    from lmtrain.training.checkpoints import resolve_resume
 
     out = tmp_path / "early"
     (out / "runs" / "Dec01_host").mkdir(parents=True)

@@ -12,7 +12,7 @@ import torch
 
 import sft
 from lmtrain.data.sft import SFTStats, build_rows, encode_sample, render_conversation, to_messages
-from lmtrain.modeling import resolve_config
+from lmtrain.model.config import resolve_config
 from lmtrain.tokenizer import CHATML_TEMPLATE, IM_END, train_bpe_tokenizer
 
 TINY = "hidden_size=32,intermediate_size=64,num_hidden_layers=2,num_attention_heads=2,num_key_value_heads=1"
@@ -190,7 +190,7 @@ def test_lora_merged_model_matches_adapter_and_sft_saves_both(tokenizer, tiny_mo
     from transformers import AutoModelForCausalLM
 
     from lmtrain.arguments import LoraArguments
-    from lmtrain.lora import apply_lora
+    from lmtrain.model.lora import apply_lora
 
     model = AutoModelForCausalLM.from_pretrained(tiny_model_dir).eval()
     peft_model = apply_lora(model, LoraArguments(use_lora=True, lora_r=4, lora_alpha=8, lora_dropout=0.0))
@@ -232,7 +232,7 @@ def test_sft_loss_falls_and_resume_reproduces_losses(tiny_model_dir, tmp_path):
 
 
 def test_pad_token_equal_to_end_token_never_masks_it(tokenizer):
-    from lmtrain.training import PadToLongestCollator
+    from lmtrain.training.collators import PadToLongestCollator
 
     end = tokenizer.convert_tokens_to_ids(IM_END)
     same_pad = copy.deepcopy(tokenizer)

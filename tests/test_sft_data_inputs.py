@@ -154,7 +154,7 @@ def test_sft_with_eval_steps_on_twenty_samples_evaluates(tokenizer, tmp_path):
     import torch
     from transformers import AutoModelForCausalLM
 
-    from lmtrain.modeling import resolve_config
+    from lmtrain.model.config import resolve_config
 
     torch.manual_seed(0)
     model_dir = tmp_path / "model"

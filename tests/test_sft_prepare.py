@@ -159,7 +159,7 @@ def test_prepared_directory_trains_with_dataset_path(tokenizer, records, tmp_pat
 
     import sft
     from data_prep import prepare_sft
-    from lmtrain.modeling import resolve_config
+    from lmtrain.model.config import resolve_config
 
     tokenizer_dir, model_dir = tmp_path / "tokenizer", tmp_path / "model"
     tokenizer.save_pretrained(tokenizer_dir)

@@ -12,7 +12,7 @@ import pytest
 import torch
 
 import sft
-from lmtrain.modeling import resolve_config
+from lmtrain.model.config import resolve_config
 
 TINY = "hidden_size=32,intermediate_size=64,num_hidden_layers=2,num_attention_heads=2,num_key_value_heads=1"
 WORDS = "the king is dead long live the queen to be or not that is question answer".split()
@@ -57,16 +57,16 @@ def logged_tokens(rows) -> float:
 
 
 def test_packed_sft_counts_real_tokens_and_leaves_evaluation_time_out(tiny_chat_model, tmp_path, monkeypatch):
-    import lmtrain.callbacks
-    import lmtrain.training
-    from lmtrain.training import LMTrainer
+    import lmtrain.training.callbacks
+    import lmtrain.training.trainer
+    from lmtrain.training.trainer import LMTrainer
 
     # A clock that an evaluation moves 1000 s forward: an evaluation far slower than any step, without the
     # wait (and without the noise of a busy machine's real pauses).
     offset = [0.0]
     clock = type("Clock", (), {"perf_counter": staticmethod(lambda: time.perf_counter() + offset[0])})
-    monkeypatch.setattr(lmtrain.callbacks, "time", clock)
-    monkeypatch.setattr(lmtrain.training, "time", clock)
+    monkeypatch.setattr(lmtrain.training.callbacks, "time", clock)
+    monkeypatch.setattr(lmtrain.training.trainer, "time", clock)
     original = LMTrainer.evaluate
 
     def slow_evaluate(self, *args, **kwargs):
@@ -97,7 +97,7 @@ def test_unpacked_sft_logs_tokens_per_second_of_real_tokens(tiny_chat_model, tmp
 
 
 def test_real_token_count_of_packed_pretraining_blocks(prepare_data, demo_texts, write_jsonl):
-    from lmtrain.training import CountingCollator, PadToLongestCollator, collate_packed_blocks
+    from lmtrain.training.collators import CountingCollator, PadToLongestCollator, collate_packed_blocks
 
     path = write_jsonl([{"text": t} for t in demo_texts[:7]])
     data, _ = prepare_data([path], block_size=64)

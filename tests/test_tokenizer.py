@@ -134,7 +134,7 @@ def test_train_tokenizer_script(write_jsonl, tmp_path):
 def test_tokenizer_survives_reload_next_to_a_model_config(tiny_tokenizer, config_name):
     """transformers loads a qwen2 directory as Qwen2Tokenizer, which rebuilds the normalizer and split rule;
     the tokenizer trained here must come back splitting text exactly as it did for the training data."""
-    from lmtrain.modeling import resolve_config
+    from lmtrain.model.config import resolve_config
     from lmtrain.tokenizer import check_reload_consistency
 
     check_reload_consistency(tiny_tokenizer, resolve_config(config_name))
@@ -142,7 +142,7 @@ def test_tokenizer_survives_reload_next_to_a_model_config(tiny_tokenizer, config
 
 def test_tokenizer_with_another_split_rule_is_refused_for_qwen2(gpt2_rule_tokenizer_dir):
     """A GPT-2-rule tokenizer (ByteLevel's built-in regex) would be silently re-split on reload."""
-    from lmtrain.modeling import resolve_config
+    from lmtrain.model.config import resolve_config
     from lmtrain.tokenizer import check_reload_consistency
 
     gpt2_rule = AutoTokenizer.from_pretrained(str(gpt2_rule_tokenizer_dir))

@@ -1,4 +1,5 @@
-"""Training callbacks: throughput / MFU / memory figures for the logs, and curve plots at the end."""
+"""Training callbacks: throughput / MFU / memory figures for the logs, curve plots at the end, and the planned
+stop of time-boxed jobs (--stop_after_steps)."""
 from __future__ import annotations
 
 import json
@@ -10,28 +11,9 @@ from pathlib import Path
 import torch
 from transformers import TrainerCallback
 
+from lmtrain.model.flops import count_parameters, device_peak_tflops, flops_per_token, model_flop_utilization
+
 logger = logging.getLogger(__name__)
-
-# Dense bf16 peak per device, TFLOP/s, for the MFU estimate (vendor datasheets, no sparsity).
-PEAK_TFLOPS = {"H100": 989.0, "H200": 989.0, "H800": 989.0, "A100": 312.0, "A800": 312.0, "L40S": 362.0,
-               "4090": 165.0, "B200": 2250.0}
-
-
-def device_peak_tflops() -> float | None:
-    if not torch.cuda.is_available():
-        return None
-    name = torch.cuda.get_device_name()
-    return next((peak for key, peak in PEAK_TFLOPS.items() if key in name), None)
-
-
-def flops_per_token(model, sequence_length: float, parameters: int | None = None) -> float:
-    """PaLM (appendix B): 6 * parameters + 12 * layers * hidden * sequence, forward and backward."""
-    from lmtrain.modeling import count_parameters
-
-    config = model.config
-    parameters = count_parameters(model) if parameters is None else parameters
-    return 6 * parameters + 12 * config.num_hidden_layers * config.hidden_size * sequence_length
-
 
 class ThroughputCallback(TrainerCallback):
     """tokens/s, MFU and step time for the logs, from host clocks only (no GPU synchronisation in the step loop;
@@ -45,7 +27,7 @@ class ThroughputCallback(TrainerCallback):
     - training seconds: loading the step's batches + the step itself (forward, backward, optimizer), up to
       the logging that closes the window. Evaluation, checkpoint saving and sample generation between
       steps are not training time and are left out.
-    mfu = tokens/s * FLOPs per token (PaLM formula at the batch's row length) / the device's peak.
+    mfu = tokens/s * FLOPs per token (lmtrain/model/flops.py, at the batch's row length) / the device's peak.
     """
 
     def __init__(self, model, tokens_per_sample: int | None = None, peak_tflops: float | None = None):
@@ -94,12 +76,11 @@ class ThroughputCallback(TrainerCallback):
             out["tokens_per_second_per_device"] = round(tokens_per_second, 1)
             if self.peak_tflops:
                 if self._parameters is None:
-                    from lmtrain.modeling import count_parameters
-
                     self._parameters = count_parameters(self.model)
+                config = self.model.config
                 row_length = self._positions / max(self._rows, 1)
-                flops = flops_per_token(self.model, row_length, self._parameters)
-                out["mfu"] = round(tokens_per_second * flops / (self.peak_tflops * 1e12), 4)
+                flops = flops_per_token(self._parameters, config.num_hidden_layers, config.hidden_size, row_length)
+                out["mfu"] = round(model_flop_utilization(tokens_per_second, flops, self.peak_tflops), 4)
         if torch.cuda.is_available():
             out["gpu_memory_peak_gib"] = round(torch.cuda.max_memory_allocated() / 2**30, 2)
         self._reset()
