@@ -19,7 +19,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # importable from any working directory
 
-from lmtrain.arguments import parse_arguments  # noqa: E402
+from lmtrain.cli.parsing import parse_arguments  # noqa: E402
 from lmtrain.errors import UserError, run_entry_point  # noqa: E402
 from lmtrain.evaluation import (evaluate_text, format_table, greedy_chat_answers, load_chat_eval,  # noqa: E402
                                 score_answers)

@@ -16,7 +16,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))  # importable from any 
 
 import torch  # noqa: E402
 
-from lmtrain.arguments import parse_arguments  # noqa: E402
+from lmtrain.cli.parsing import parse_arguments  # noqa: E402
 from lmtrain.errors import UserError, run_entry_point  # noqa: E402
 
 

@@ -19,7 +19,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # importable from any working directory
 
-from lmtrain.arguments import parse_arguments  # noqa: E402
+from lmtrain.cli.parsing import parse_arguments  # noqa: E402
 from lmtrain.errors import run_entry_point  # noqa: E402
 from lmtrain.generation import (SamplingArguments, chat_loop, diversity, generate_texts,  # noqa: E402
                                 load_for_inference, read_prompts, write_generations)

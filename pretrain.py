@@ -29,7 +29,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))  # importable from any 
 
 from transformers import set_seed  # noqa: E402
 
-from lmtrain.arguments import DataArguments, ModelArguments, TrainArguments, parse_arguments, save_resolved_config  # noqa: E402
+from lmtrain.arguments import DataArguments, ModelArguments, TrainArguments  # noqa: E402
+from lmtrain.cli.parsing import parse_arguments, save_resolved_config  # noqa: E402
 from lmtrain.data.loading import load_pretrain_data  # noqa: E402
 from lmtrain.model.building import build_model  # noqa: E402
 from lmtrain.tokenizer import load_tokenizer  # noqa: E402

@@ -30,8 +30,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))  # importable from any 
 
 from transformers import set_seed  # noqa: E402
 
-from lmtrain.arguments import (LoraArguments, ModelArguments, SFTDataArguments, SFTTrainArguments,  # noqa: E402
-                               parse_arguments, save_resolved_config)
+from lmtrain.arguments import LoraArguments, ModelArguments, SFTDataArguments, SFTTrainArguments  # noqa: E402
+from lmtrain.cli.parsing import parse_arguments, save_resolved_config  # noqa: E402
 from lmtrain.data.sft import limit_rows, prepare_sft_data  # noqa: E402
 from lmtrain.model.lora import apply_lora, save_lora_model  # noqa: E402
 from lmtrain.model.building import build_model  # noqa: E402

@@ -19,7 +19,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a script from any directory
 
-from lmtrain.arguments import parse_arguments  # noqa: E402
+from lmtrain.cli.parsing import parse_arguments  # noqa: E402
 from lmtrain.data.demo_corpus import ensure_demo_corpus  # noqa: E402
 from lmtrain.errors import run_entry_point  # noqa: E402
 

@@ -25,7 +25,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a script from any directory
 
-from lmtrain.arguments import DataArguments, parse_arguments  # noqa: E402
+from lmtrain.arguments import DataArguments  # noqa: E402
+from lmtrain.cli.parsing import parse_arguments  # noqa: E402
 from lmtrain.data.pipeline import prepare_pretrain_data, save_prepared  # noqa: E402
 from lmtrain.tokenizer import load_tokenizer  # noqa: E402
 from lmtrain.errors import run_entry_point  # noqa: E402

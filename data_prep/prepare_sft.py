@@ -24,7 +24,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a script from any directory
 
-from lmtrain.arguments import SFTDataArguments, parse_arguments  # noqa: E402
+from lmtrain.arguments import SFTDataArguments  # noqa: E402
+from lmtrain.cli.parsing import parse_arguments  # noqa: E402
 from lmtrain.data.sft_prepare import prepare_sft_files, save_prepared_sft, summary  # noqa: E402
 from lmtrain.errors import UserError, run_entry_point  # noqa: E402
 from lmtrain.tokenizer import load_tokenizer  # noqa: E402

@@ -22,7 +22,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a script from any directory
 
-from lmtrain.arguments import parse_arguments  # noqa: E402
+from lmtrain.cli.parsing import parse_arguments  # noqa: E402
 from lmtrain.data.sources import DataError, ReadStats, SourceSpec, read_file, read_hub_dataset, resolve_source_files  # noqa: E402
 from lmtrain.tokenizer import sample_sources, train_bpe_tokenizer  # noqa: E402
 from lmtrain.errors import run_entry_point  # noqa: E402

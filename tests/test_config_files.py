@@ -14,7 +14,8 @@ import pytest
 import pretrain
 import sft
 from lmtrain.arguments import (DataArguments, LoraArguments, ModelArguments, SFTDataArguments, SFTTrainArguments,
-                               TrainArguments, parse_arguments, save_resolved_config)
+                               TrainArguments)
+from lmtrain.cli.parsing import parse_arguments, save_resolved_config
 from lmtrain.data.demo_corpus import ensure_demo_corpus
 from lmtrain.errors import UserError
 from lmtrain.tokenizer import train_bpe_tokenizer

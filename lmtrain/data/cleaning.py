@@ -12,7 +12,7 @@ import hashlib
 import re
 import unicodedata
 import zlib
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 
 import numpy as np
 
@@ -77,6 +77,16 @@ class CleaningConfig:
     # Part of the datasets cache key of the cleaning step: bump it when the rules above change meaning, so
     # a cache written by older rules is not reused (datasets fingerprints functions by name, not code).
     rules_version: int = 2
+
+
+def cleaning_config(options) -> CleaningConfig:
+    """The cleaning rules of a run, from its options (lmtrain.arguments.DataArguments: the fields named like
+    CleaningConfig's, and the `clean` master switch, which turns every step off)."""
+    if not options.clean:
+        return CleaningConfig(unicode_normalization="none", remove_control_chars=False, strip_html=False,
+                              min_chars=0, max_chars=0, max_duplicate_line_fraction=1.0,
+                              min_unique_word_fraction=0.0, dedup_exact=False, dedup_near=False)
+    return CleaningConfig(**{f.name: getattr(options, f.name) for f in fields(CleaningConfig) if hasattr(options, f.name)})
 
 
 # The per-document steps, which a mixture may set per source (NAME=PATH@WEIGHT:strip_html=false,min_chars=0);

@@ -24,7 +24,7 @@ from datasets.arrow_writer import ArrowWriter
 from tqdm.auto import tqdm
 
 from lmtrain.arguments import DataArguments
-from lmtrain.data.cleaning import CleaningConfig, clean_batch, exact_duplicates, near_duplicates
+from lmtrain.data.cleaning import CleaningConfig, clean_batch, cleaning_config, exact_duplicates, near_duplicates
 from lmtrain.data.packing import BLOCK_COLUMNS, BlockPacker, blocks_to_arrow
 from lmtrain.data.sources import (DataError, ReadStats, SourceSpec, read_file, read_hub_dataset,
                                   resolve_source_files)
@@ -423,7 +423,7 @@ def prepare_pretrain_data(args: DataArguments, tokenizer, cache_dir: str | None 
     report.cache["read"] = "computed" if any(_reused(p, started) == "computed" for p in parts) else "reused"
     report.seconds["read"] = round(clock() - t0, 2)
 
-    config = args.cleaning_config()
+    config = cleaning_config(args)
     # Per-source overrides (NAME=PATH@WEIGHT:strip_html=false); validation files use the global settings.
     source_configs = {s.name: s.cleaning_config(config) for s in specs if s.cleaning}
     for spec in args.validation_files or []:

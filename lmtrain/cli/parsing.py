@@ -1,0 +1,199 @@
+"""Command line and config files -> the option dataclasses of lmtrain/arguments.py.
+
+Precedence: dataclass defaults < a YAML/JSON config file (the first argument, or `--config FILE`) < flags.
+Spellings from older transformers versions and from classic run_clm-style launch scripts are translated
+(`--evaluation_strategy` -> `--eval_strategy`, ...), so existing launch scripts run unchanged. The resolved
+options are written to OUTPUT_DIR/lmtrain_config.json, which read back repeats the run.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import os
+import sys
+from dataclasses import asdict
+
+from transformers import HfArgumentParser
+
+from lmtrain.errors import UserError
+
+logger = logging.getLogger(__name__)
+
+CONFIG_FILE_NAME = "lmtrain_config.json"  # the resolved options, written into output_dir
+
+# Old flag -> current flag. None: accepted and ignored (the behaviour is now always on, or moved).
+LEGACY_FLAGS = {
+    "evaluation_strategy": "eval_strategy",
+    "no_cuda": "use_cpu",
+    "per_gpu_train_batch_size": "per_device_train_batch_size",
+    "per_gpu_eval_batch_size": "per_device_eval_batch_size",
+    "save_safetensors": None,            # always safetensors now
+    "include_tokens_per_second": None,   # tokens/s is always logged
+    "use_fast_tokenizer": None,          # fast tokenizers only
+    "low_cpu_mem_usage": None,           # transformers 5 always loads lazily
+    "use_auth_token": None,
+    "streaming": None,                   # preparation always streams from disk
+    "keep_linebreaks": None,             # line breaks are always kept
+}
+
+
+CONFIG_SUFFIXES = (".yaml", ".yml", ".json")
+# The groups save_resolved_config nests the options under; a file shaped that way is read flat again.
+CONFIG_GROUPS = ("model", "data", "lora", "training")
+
+
+def read_config_file(path: str) -> dict:
+    """A YAML/JSON config file as {option: value}. Values keep their YAML/JSON types (null, true/false,
+    lists, mappings); the resolved OUTPUT_DIR/lmtrain_config.json, nested by group, is flattened."""
+    try:
+        with open(path, encoding="utf-8") as handle:
+            text = handle.read()
+    except OSError as error:
+        raise UserError(f"config file {path}: cannot be read ({error.strerror or error})") from error
+    try:
+        if path.endswith((".yaml", ".yml")):
+            import yaml
+
+            values = yaml.safe_load(text)
+        else:
+            values = json.loads(text)
+    except ValueError as error:  # json.JSONDecodeError
+        raise UserError(f"config file {path}: not valid JSON ({error})") from error
+    except Exception as error:  # yaml.YAMLError carries the line and column in its message
+        raise UserError(f"config file {path}: not valid YAML ({' '.join(str(error).split())})") from error
+    if values is None:
+        return {}
+    if not isinstance(values, dict):
+        raise UserError(f"config file {path}: expected a mapping of option names to values "
+                        f"(`learning_rate: 3.0e-4`), found a {type(values).__name__}")
+    if values and all(key in CONFIG_GROUPS and isinstance(value, dict) for key, value in values.items()):
+        flat = {}
+        for group in values.values():
+            flat.update(group)
+        values = flat
+    return values
+
+
+def _config_defaults(parser: HfArgumentParser, values: dict, path: str) -> dict:
+    """Config-file values as parser defaults (so flags still override them), checked against the options."""
+    actions = {action.dest: action for action in parser._actions}
+    defaults, unknown = {}, []
+    for key, value in values.items():
+        key = str(key)
+        if key in LEGACY_FLAGS:
+            if LEGACY_FLAGS[key] is None:
+                logger.info("%s: %s is accepted for compatibility and has no effect", path, key)
+                continue
+            key = LEGACY_FLAGS[key]
+        action = actions.get(key)
+        if action is None or key == "help":
+            unknown.append(key)
+            continue
+        if isinstance(value, str) and value.endswith("_TOKEN>") and key.endswith("_token"):
+            continue  # a redacted secret in a saved config: keep the default (None)
+        if action.nargs in ("+", "*") and value is not None and not isinstance(value, list):
+            value = [value]
+        if isinstance(value, list) and action.nargs not in ("+", "*") and key == "report_to":
+            value = ",".join(str(v) for v in value) or "none"
+        try:  # converted by the option's own type, as the same value given as a flag would be
+            if isinstance(value, list) and action.type is not None:
+                value = [action.type(str(v)) for v in value]
+            elif value is not None and not isinstance(value, dict) and action.type is not None:
+                value = action.type(str(value))
+        except Exception as error:  # ValueError, argparse.ArgumentTypeError
+            raise UserError(f"config file {path}: {key}: {value!r} is not a valid value ({error})") from error
+        defaults[key] = value
+    if unknown:
+        import difflib
+
+        hints = [f"{key} (did you mean {', '.join(difflib.get_close_matches(key, actions, n=2))}?)"
+                 if difflib.get_close_matches(key, actions, n=1) else key for key in unknown]
+        raise UserError(f"config file {path}: unknown option(s): {'; '.join(hints)}. Every key must be a "
+                        "flag name without the dashes (see --help)")
+    return defaults
+
+
+def split_config_file(argv: list[str]) -> tuple[str | None, list[str]]:
+    """The config file (the first argument, or `--config FILE`) and the remaining flags."""
+    if argv and argv[0].endswith(CONFIG_SUFFIXES) and not argv[0].startswith("-"):
+        return argv[0], argv[1:]
+    if "--config" in argv:
+        i = argv.index("--config")
+        if i + 1 >= len(argv):
+            raise UserError("--config needs a file: --config run.yaml")
+        return argv[i + 1], argv[:i] + argv[i + 2:]
+    return None, argv
+
+
+def translate_legacy_flags(argv: list[str]) -> list[str]:
+    argv = _join_report_to(argv)
+    translated, skip_values = [], False
+    for token in argv:
+        if token.startswith("--"):
+            name, eq, value = token[2:].partition("=")
+            skip_values = False
+            if name in LEGACY_FLAGS:
+                new = LEGACY_FLAGS[name]
+                if new is None:
+                    logger.info("--%s is accepted for compatibility and has no effect", name)
+                    skip_values = True
+                    continue
+                token = f"--{new}{eq}{value}"
+        elif skip_values:
+            continue
+        translated.append(token)
+    return translated
+
+
+def _join_report_to(argv: list[str]) -> list[str]:
+    """`--report_to tensorboard swanlab` -> `--report_to tensorboard,swanlab` (the parser takes one value)."""
+    out, i = [], 0
+    while i < len(argv):
+        if argv[i] == "--report_to":
+            values = []
+            i += 1
+            while i < len(argv) and not argv[i].startswith("--"):
+                values.append(argv[i])
+                i += 1
+            out += ["--report_to", ",".join(values)]
+        else:
+            out.append(argv[i])
+            i += 1
+    return out
+
+
+def parse_arguments(dataclass_types, argv: list[str] | None = None):
+    """Dataclass defaults < the config file's values < command-line flags."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    config_path, argv = split_config_file(argv)
+    argv = translate_legacy_flags(argv)
+    parser = HfArgumentParser(dataclass_types)
+    if config_path:
+        parser.set_defaults(**_config_defaults(parser, read_config_file(config_path), config_path))
+    try:
+        return parser.parse_args_into_dataclasses(args=argv, look_for_args_file=False)
+    except UserError:
+        raise
+    except ValueError as error:  # a __post_init__ check: conflicting or out-of-range options
+        where = f" (with config file {config_path})" if config_path else ""
+        raise UserError(f"{error}{where}") from error
+
+
+def save_resolved_config(output_dir: str, **groups) -> str:
+    """Write every resolved option next to the checkpoints, nested by group for reading. Passed back as the
+    config file (`python pretrain.py OUTPUT_DIR/lmtrain_config.json`) it repeats the run; secrets (hub
+    tokens) are never written."""
+    os.makedirs(output_dir, exist_ok=True)
+    resolved = {}
+    for name, group in groups.items():
+        values = json.loads(group.to_json_string()) if hasattr(group, "to_json_string") else asdict(group)
+        for key in [k for k in values if k.endswith("_token")]:
+            if getattr(group, key, None) is None:
+                values[key] = None
+            else:
+                del values[key]
+        resolved[name] = values
+    path = os.path.join(output_dir, CONFIG_FILE_NAME)
+    with open(path, "w", encoding="utf-8") as handle:
+        json.dump(resolved, handle, indent=2, default=str)
+    return path
