@@ -33,9 +33,7 @@ from pathlib import Path
 
 import psutil
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a script from any directory
-
-from bench.corpus import (DEFAULT_WORK_DIR, build_tokenizer, code_version, machine_description,  # noqa: E402
+from corpus import (DEFAULT_WORK_DIR, build_tokenizer, code_version, machine_description,
                           write_corpus)
 
 REPO = Path(__file__).resolve().parents[1]

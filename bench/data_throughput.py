@@ -24,16 +24,13 @@ import os
 import queue as queue_module
 import shutil
 import statistics
-import sys
 import tempfile
 import time
 from pathlib import Path
 
 import psutil
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a script from any directory
-
-from bench.corpus import (DEFAULT_WORK_DIR, build_tokenizer, code_version, machine_description,  # noqa: E402
+from corpus import (DEFAULT_WORK_DIR, build_tokenizer, code_version, machine_description,
                           write_corpus)
 
 # Set in the parent before the raw workers fork, so the texts are shared, not pickled to each worker.

@@ -12,12 +12,8 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
-from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-
-from lmtrain.evaluation import load_chat_eval, score_answers  # noqa: E402
+from lmtrain.evaluation import load_chat_eval, score_answers
 
 
 def main(argv=None) -> dict:

@@ -20,11 +20,9 @@ import json
 import os
 import sys
 import time
-from pathlib import Path
 
 os.environ.setdefault("VLLM_NO_USAGE_STATS", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 PROMPTS = ["ROMEO.", "KING HENRY. Now, lords,", "To be, or not to be", "The quick brown fox", "我想在"]
 

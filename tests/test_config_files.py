@@ -114,7 +114,10 @@ def test_config_file_error_from_the_command_line_is_one_message(tmp_path):
 
 
 def test_the_config_file_cited_by_the_docstring_exists_and_parses():
-    cited = re.findall(r"(examples/\S+\.ya?ml)", pretrain.__doc__ + (sft.__doc__ or ""))
+    import lmtrain.cli.pretrain
+    import lmtrain.cli.sft
+
+    cited = re.findall(r"(examples/\S+\.ya?ml)", lmtrain.cli.pretrain.__doc__ + (lmtrain.cli.sft.__doc__ or ""))
     assert cited
     for name in cited:
         model, data, training = parse_arguments(PRETRAIN, [str(REPO / name), "--max_steps", "50"])

@@ -1,0 +1,104 @@
+"""Generate the SFT demo data: chat tasks whose answers can be checked exactly.
+
+    python data_prep/make_sft_demo.py --output_dir data/sft_demo
+
+Tasks: addition, the next number, repeating a phrase, naming the play a quoted line comes from (lines from
+the built-in Shakespeare corpus), and two-turn follow-ups ("And plus 7?"). Some samples carry a system
+prompt. Writes train.jsonl (OpenAI `messages` format) and eval.jsonl (the prompt turns, the expected
+`answer` and the `task`), whose prompts never occur in train.jsonl.
+"""
+from __future__ import annotations
+
+import json
+import random
+import re
+from collections import defaultdict
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from lmtrain.cli.parsing import parse_arguments
+from lmtrain.data.demo_corpus import ensure_demo_corpus
+
+SYSTEM_PROMPTS = ["You are a helpful assistant.", "Answer briefly.", "You are a scholar of Shakespeare."]
+
+
+@dataclass
+class DemoArguments:
+    output_dir: str = field(default="data/sft_demo", metadata={"help": "Where train.jsonl / eval.jsonl go."})
+    train_samples: int = field(default=20000, metadata={"help": "Training conversations."})
+    eval_per_task: int = field(default=50, metadata={"help": "Held-out prompts per task."})
+    seed: int = field(default=0, metadata={"help": "Random seed."})
+
+
+def play_lines(min_chars: int = 30, max_chars: int = 70) -> dict[str, list[str]]:
+    """Verse lines of each play (modern editions), long enough to be distinctive."""
+    lines = defaultdict(set)
+    with open(ensure_demo_corpus(), encoding="utf-8") as handle:
+        for record in map(json.loads, handle):
+            if record["play_file"].endswith("_f"):
+                continue  # First Folio spelling; one edition per play keeps the titles unambiguous
+            for line in record["text"].split("\n"):
+                line = line.strip()
+                if min_chars <= len(line) <= max_chars and re.match(r"^[A-Z][a-z]", line) and not line.isupper():
+                    lines[record["title"]].add(line)
+    return {title: sorted(found) for title, found in lines.items() if len(found) >= 20}
+
+
+def make_task(task: str, rng: random.Random, plays: dict[str, list[str]]) -> tuple[list[dict], str]:
+    """(prompt messages, answer) for one task instance."""
+    if task == "add":
+        a, b = rng.randint(0, 50), rng.randint(0, 50)
+        return [{"role": "user", "content": f"What is {a} + {b}?"}], str(a + b)
+    if task == "next_number":
+        n = rng.randint(0, 300)
+        return [{"role": "user", "content": f"What number comes after {n}?"}], str(n + 1)
+    if task == "repeat":
+        title = rng.choice(sorted(plays))
+        words = rng.choice(plays[title]).split()[:rng.randint(2, 4)]
+        phrase = " ".join(w.strip(",.;:!?") for w in words)
+        return [{"role": "user", "content": f"Repeat after me: {phrase}"}], phrase
+    if task == "which_play":
+        title = rng.choice(sorted(plays))
+        return [{"role": "user", "content": f'Which play is this line from? "{rng.choice(plays[title])}"'}], title
+    if task == "follow_up":
+        a, b, c = rng.randint(0, 30), rng.randint(0, 30), rng.randint(1, 9)
+        return [{"role": "user", "content": f"What is {a} + {b}?"}, {"role": "assistant", "content": str(a + b)},
+                {"role": "user", "content": f"And plus {c}?"}], str(a + b + c)
+    raise ValueError(task)
+
+
+TASKS = ["add", "next_number", "repeat", "which_play", "follow_up"]
+
+
+def main(argv=None):
+    (args,) = parse_arguments([DemoArguments], argv)
+    rng = random.Random(args.seed)
+    plays = play_lines()
+    out = Path(args.output_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    eval_prompts = set()
+    with open(out / "eval.jsonl", "w", encoding="utf-8") as handle:
+        for task in TASKS:
+            written = 0
+            while written < args.eval_per_task:
+                messages, answer = make_task(task, rng, plays)
+                key = json.dumps(messages)
+                if key in eval_prompts:
+                    continue
+                eval_prompts.add(key)
+                handle.write(json.dumps({"task": task, "messages": messages, "answer": answer}) + "\n")
+                written += 1
+    written = 0
+    with open(out / "train.jsonl", "w", encoding="utf-8") as handle:
+        while written < args.train_samples:
+            task = TASKS[written % len(TASKS)]
+            messages, answer = make_task(task, rng, plays)
+            if json.dumps(messages) in eval_prompts:
+                continue  # held-out prompts never appear in training
+            if rng.random() < 0.3:
+                messages = [{"role": "system", "content": rng.choice(SYSTEM_PROMPTS)}] + messages
+            handle.write(json.dumps({"messages": messages + [{"role": "assistant", "content": answer}]}) + "\n")
+            written += 1
+    print(f"wrote {written} training conversations and {len(eval_prompts)} held-out prompts to {out} "
+          f"({len(plays)} plays for the which_play task)")
+

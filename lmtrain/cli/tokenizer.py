@@ -1,0 +1,80 @@
+"""Train a byte-level BPE tokenizer (with ChatML chat tokens and template) on raw text.
+
+    python data_prep/train_tokenizer.py --output_dir outputs/tokenizer                 # demo corpus
+    python data_prep/train_tokenizer.py --sources web=data/web/*.jsonl@0.7 zh=data/zh/@0.2 code=data/code/@0.1 \
+        --vocab_size 32000 --sample_chars 500000000 --output_dir outputs/tokenizer
+
+Each source gets its weight share of --sample_chars (weights default to 1: equal shares), drawn at random from
+all of its documents (each source is read once, to the end); what was taken from each source is logged and
+saved as sample_report.json next to the tokenizer.
+
+The result loads with AutoTokenizer.from_pretrained(output_dir). Any existing HF tokenizer directory (a
+Qwen2.5 or LLaMA tokenizer, say) can be used instead of this one everywhere a tokenizer is asked for.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import os
+from dataclasses import dataclass, field
+
+from lmtrain.cli.parsing import parse_arguments
+from lmtrain.data.sources import DataError, ReadStats, SourceSpec, read_file, read_hub_dataset, resolve_source_files
+from lmtrain.tokenizer import sample_sources, train_bpe_tokenizer
+
+logger = logging.getLogger("train_tokenizer")
+
+
+@dataclass
+class TokenizerArguments:
+    output_dir: str = field(default="outputs/tokenizer", metadata={"help": "Where to save the tokenizer."})
+    sources: list[str] = field(default_factory=lambda: ["shakespeare"], metadata={
+        "help": "Text sources, [NAME=]PATH[@WEIGHT] (PATH: file, glob, directory, hub dataset, or 'shakespeare'); "
+                "the weights split --sample_chars between them."})
+    text_field: str = field(default="text", metadata={"help": "Text field of jsonl/json/parquet records."})
+    vocab_size: int = field(default=8192, metadata={"help": "Vocabulary size, special tokens included."})
+    min_frequency: int = field(default=2, metadata={"help": "Minimum pair frequency for a merge."})
+    sample_chars: int = field(default=200_000_000, metadata={
+        "help": "Train on this many characters (0: all): each source gets its weight share (NAME=PATH@WEIGHT), "
+                "sampled at random across its documents."})
+    txt_unit: str = field(default="paragraph", metadata={
+        "help": "Sampling unit of .txt/.md files: paragraph, line or file (long units are cut into pieces)."})
+    seed: int = field(default=1234, metadata={"help": "Seed of the sampling."})
+
+    def __post_init__(self):
+        if self.txt_unit not in ("file", "line", "paragraph"):
+            raise ValueError("--txt_unit must be file, line or paragraph")
+        if self.sample_chars < 0:
+            raise ValueError("--sample_chars must be >= 0 (0: all)")
+
+
+def iter_source_texts(spec: SourceSpec, args: TokenizerArguments):
+    stats = ReadStats()
+    files = resolve_source_files(spec)
+    if files is None:
+        yield from read_hub_dataset(spec.location, args.text_field, "train", stats, strict=False)
+    else:
+        for path in files:
+            yield from read_file(path, args.text_field, args.txt_unit, stats, strict=False)
+    if stats.dropped:
+        logger.warning("source %s: records skipped while sampling text: %s", spec.name, dict(stats.dropped))
+
+
+def main(argv=None):
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    (args,) = parse_arguments([TokenizerArguments], argv)
+    specs = [SourceSpec.parse(source) for source in args.sources]
+    if len({spec.name for spec in specs}) != len(specs):
+        raise DataError("--sources: two sources have the same name; name them: NAME=PATH@WEIGHT")
+    texts, report = sample_sources([(spec.name, spec.weight, iter_source_texts(spec, args)) for spec in specs],
+                                   args.sample_chars, args.seed)
+    if not texts:
+        raise DataError(f"--sources {' '.join(args.sources)}: no text to train on")
+    tokenizer = train_bpe_tokenizer(texts, args.vocab_size, args.min_frequency)
+    tokenizer.save_pretrained(args.output_dir)
+    with open(os.path.join(args.output_dir, "sample_report.json"), "w", encoding="utf-8") as handle:
+        json.dump(report, handle, indent=2)
+    logger.info("saved a %d-token tokenizer to %s (trained on %d chars; per source: sample_report.json)",
+                len(tokenizer), args.output_dir, report["chars_sampled"])
+    return tokenizer
+
