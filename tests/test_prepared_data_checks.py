@@ -17,7 +17,7 @@ import pytest
 import pretrain
 from lmtrain.arguments import DataArguments
 from lmtrain.data.demo_corpus import ensure_demo_corpus
-from lmtrain.data.loading import load_pretrain_data
+from lmtrain.data.loading import load_training_data
 from lmtrain.data.sources import DataError
 from lmtrain.tokenizer import load_tokenizer, train_bpe_tokenizer
 
@@ -58,8 +58,8 @@ def run_args(root: Path, output_dir: Path, *extra: str, tokenizer: str = "tok_a"
 
 
 def load_prepared_data(path: Path, tokenizer, **data_args):
-    """load_pretrain_data as pretrain.py calls it (prepared data needs no training arguments)."""
-    return load_pretrain_data(DataArguments(dataset_path=str(path), **data_args), tokenizer, None, 4096)
+    """load_training_data as pretrain.py calls it (prepared data needs no training arguments)."""
+    return load_training_data("pretrain", DataArguments(dataset_path=str(path), **data_args), tokenizer, None, 4096)
 
 
 # ------------------------------------------------------------------------------------------ 9.1 tokenizer
@@ -147,7 +147,7 @@ def test_block_size_that_disagrees_with_prepared_blocks_is_refused(prepared, tmp
     with caplog.at_level(logging.INFO, logger="lmtrain.data.loading"):
         data = load_prepared_data(prepared / "mix", load_tokenizer(str(prepared / "tok_a")))
     assert any("prepared blocks of 64 tokens" in r.getMessage() for r in caplog.records)
-    assert data.block_size == 64 and len(data.train[0]["input_ids"]) == 64
+    assert data.tokens_per_row == 64 and len(data.train[0]["input_ids"]) == 64
     # Set to another size: refused, naming both.
     with pytest.raises(DataError) as error:
         pretrain.main(run_args(prepared, tmp_path / "x", "--dataset_path", str(prepared / "mix"), "--block_size", "32"))

@@ -232,7 +232,7 @@ def test_sft_loss_falls_and_resume_reproduces_losses(tiny_model_dir, tmp_path):
 
 
 def test_pad_token_equal_to_end_token_never_masks_it(tokenizer):
-    from lmtrain.training.collators import PadToLongestCollator
+    from lmtrain.data.collators import PadToLongestCollator
 
     end = tokenizer.convert_tokens_to_ids(IM_END)
     same_pad = copy.deepcopy(tokenizer)

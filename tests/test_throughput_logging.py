@@ -97,7 +97,7 @@ def test_unpacked_sft_logs_tokens_per_second_of_real_tokens(tiny_chat_model, tmp
 
 
 def test_real_token_count_of_packed_pretraining_blocks(prepare_data, demo_texts, write_jsonl):
-    from lmtrain.training.collators import CountingCollator, PadToLongestCollator, collate_packed_blocks
+    from lmtrain.data.collators import CountingCollator, PadToLongestCollator, collate_packed_blocks
 
     path = write_jsonl([{"text": t} for t in demo_texts[:7]])
     data, _ = prepare_data([path], block_size=64)

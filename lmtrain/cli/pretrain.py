@@ -27,7 +27,7 @@ from transformers import set_seed
 
 from lmtrain.arguments import DataArguments, ModelArguments, TrainArguments
 from lmtrain.cli.parsing import parse_arguments, save_resolved_config
-from lmtrain.data.loading import load_pretrain_data
+from lmtrain.data.loading import load_training_data
 from lmtrain.model.building import build_model
 from lmtrain.tokenizer import load_tokenizer
 from lmtrain.training.checkpoints import completed_run, mark_run_complete, resolve_resume
@@ -52,12 +52,12 @@ def main(argv=None):
                                cache_dir=model_args.cache_dir, revision=model_args.model_revision)
     # The model first: its checks (vocabulary size, tokenizer reload) fail in seconds, before any data is tokenized.
     model = build_model(model_args, tokenizer)
-    data = load_pretrain_data(data_args, tokenizer, training_args, model.config.max_position_embeddings)
+    data = load_training_data("pretrain", data_args, tokenizer, training_args, model.config.max_position_embeddings)
     logger.info("packed documents are kept apart through position_ids (%s attention); %d train blocks of %d tokens",
-                model.config._attn_implementation, len(data.train), data.block_size)
+                model.config._attn_implementation, len(data.train), data.tokens_per_row)
 
-    trainer = build_trainer(model, tokenizer, training_args, data.train, data.validation,
-                            eval_bytes_per_token=data.validation_bytes_per_token, tokens_per_sample=data.block_size)
+    trainer = build_trainer(model, tokenizer, training_args, data.train, data.validation, data_collator=data.collator,
+                            eval_bytes_per_token=data.validation_bytes_per_token)
     result = run_training(trainer, resume_from)
     ended = end_of_training(trainer)
     if ended == "stopped":  # planned stop or interruption: a checkpoint, no final model

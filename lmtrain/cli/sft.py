@@ -20,21 +20,17 @@ steps per run; --overwrite_output_dir starts fresh. OUTPUT_DIR/lmtrain_config.js
 """
 from __future__ import annotations
 
-import json
 import logging
-import os
-from pathlib import Path
 
 from transformers import set_seed
 
 from lmtrain.arguments import LoraArguments, ModelArguments, SFTDataArguments, SFTTrainArguments
 from lmtrain.cli.parsing import parse_arguments, save_resolved_config
-from lmtrain.data.sft import limit_rows, prepare_sft_data
+from lmtrain.data.loading import load_training_data
 from lmtrain.model.lora import apply_lora, save_lora_model
 from lmtrain.model.building import build_model
 from lmtrain.tokenizer import load_tokenizer
 from lmtrain.training.checkpoints import completed_run, mark_run_complete, resolve_resume
-from lmtrain.training.collators import PadToLongestCollator, collate_packed_blocks
 from lmtrain.training.trainer import build_trainer, end_of_training, final_metrics, run_training, save_final_model
 
 logger = logging.getLogger("sft")
@@ -56,27 +52,19 @@ def main(argv=None):
 
     tokenizer = load_tokenizer(model_args.tokenizer_name or model_args.model_name_or_path or "outputs/tokenizer",
                                cache_dir=model_args.cache_dir, revision=model_args.model_revision)
-    with training_args.main_process_first(desc="preparing SFT data"):
-        data, report = prepare_sft_data(data_args, tokenizer, evaluate=training_args.eval_strategy != "no")
-    if training_args.process_index == 0:
-        os.makedirs(training_args.output_dir, exist_ok=True)
-        Path(training_args.output_dir, "data_report.json").write_text(json.dumps(report, indent=2))
-    # A seeded random subset, not the first rows: packed rows come longest samples first.
-    train = limit_rows(data["train"], data_args.max_train_samples, data_args.prepare_seed)
-    validation = limit_rows(data.get("validation"), data_args.max_eval_samples, data_args.prepare_seed)
-
+    # The model first: its checks (vocabulary size, tokenizer reload) fail in seconds, before any data is tokenized.
     model = build_model(model_args, tokenizer)
     if lora_args.use_lora:
         model = apply_lora(model, lora_args)
-    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-    collator = collate_packed_blocks if data_args.packing else PadToLongestCollator(pad_id, data_args.padding_free)
-    trainer = build_trainer(model, tokenizer, training_args, train, validation, data_collator=collator,
-                            tokens_per_sample=data_args.max_length if data_args.packing else None)
+    data = load_training_data("sft", data_args, tokenizer, training_args, model.config.max_position_embeddings)
+
+    trainer = build_trainer(model, tokenizer, training_args, data.train, data.validation, data_collator=data.collator,
+                            eval_bytes_per_token=data.validation_bytes_per_token)
     result = run_training(trainer, resume_from)
     ended = end_of_training(trainer)
     if ended == "stopped":  # planned stop or interruption: a checkpoint, no final model
         return trainer, dict(result.metrics)
-    metrics = final_metrics(trainer, result, validation is not None and training_args.eval_strategy != "no")
+    metrics = final_metrics(trainer, result, data.validation is not None and training_args.eval_strategy != "no")
     trainer.save_state()
     if lora_args.use_lora:
         save_lora_model(trainer, training_args.output_dir, merge=lora_args.merge_lora)

@@ -1,8 +1,11 @@
-"""What training reads: a prepared dataset directory (memory-mapped), or raw sources prepared on the fly by
-the same pipeline, once per machine (the main process prepares, the others wait and reuse the cache).
+"""What training reads, for every stage: `load_training_data(stage, ...)` gives pretraining and SFT the
+same TrainingData (datasets, collator, row length, bytes per token, report), so the entry scripts read
+parse -> model -> data -> trainer -> train -> save and share this code.
 
+The data is a prepared dataset directory (memory-mapped), or raw files prepared on the fly by the same
+pipeline as data_prep/, once per machine (the main process prepares, the others wait and reuse the cache).
 Prepared data is checked against the run before any step: the tokenizer it was made with, its block size
-against --block_size, and the block size against the model's positions. Each would otherwise train
+against --block_size, and the row length against the model's positions. Each would otherwise train
 without a word on ids that mean other text, blocks of another length, or positions the model lacks."""
 from __future__ import annotations
 
@@ -10,26 +13,74 @@ import json
 import logging
 import os
 from dataclasses import dataclass, fields
+from typing import Callable
 
 import datasets
 import numpy as np
 
 from lmtrain.arguments import DataArguments
+from lmtrain.data.collators import PadToLongestCollator, collate_packed_blocks
 from lmtrain.data.pipeline import load_prepared, prepare_pretrain_data, tokenizer_fingerprint
 from lmtrain.data.sources import DataError
 
 logger = logging.getLogger(__name__)
 _WARNED: set[str] = set()  # prepared directories already warned about (warn once per process)
+STAGES = ("pretrain", "sft")
 
 
 @dataclass
 class TrainingData:
     train: datasets.Dataset
     validation: datasets.Dataset | None
-    block_size: int
+    collator: Callable[[list[dict]], dict]
+    # Tokens per row when every row has the same length (packed blocks and packed SFT rows); None for
+    # unpacked SFT rows, whose batches are padded to their longest row.
+    tokens_per_row: int | None
     # The whole validation split's average: what bits per byte falls back to for validation blocks without
-    # a `num_bytes` column (prepared by an older lmtrain).
+    # a `num_bytes` column (prepared by an older lmtrain; SFT rows have none).
     validation_bytes_per_token: float | None
+    report: dict  # the preparation report (report.json of a prepared directory, else the one just made)
+
+
+def load_training_data(stage: str, args, tokenizer, training_args=None, max_positions: int | None = None) -> TrainingData:
+    """The data of a `stage` run ("pretrain": DataArguments, "sft": SFTDataArguments). `max_positions`: the
+    model's max_position_embeddings, checked against the row length before any data is tokenized.
+    `training_args` (None in tools and tests): preparation on the main process first, data_report.json in
+    output_dir, and whether evaluation needs a validation split."""
+    if stage not in STAGES:
+        raise ValueError(f"stage {stage!r}: one of {', '.join(STAGES)}")
+    load = _load_pretrain if stage == "pretrain" else _load_sft
+    data = load(args, tokenizer, training_args, max_positions)
+    if training_args is not None and training_args.process_index == 0:
+        os.makedirs(training_args.output_dir, exist_ok=True)
+        with open(os.path.join(training_args.output_dir, "data_report.json"), "w", encoding="utf-8") as handle:
+            json.dump(data.report, handle, indent=2, default=str)
+    data.validation = select_eval_blocks(data.validation, args.max_eval_samples, args.prepare_seed)
+    return data
+
+
+def _prepared_once(training_args, desc: str, prepare: Callable):
+    """Run `prepare` on the main process first; the other ranks then reuse its cache."""
+    if training_args is None:
+        return prepare()
+    with training_args.main_process_first(desc=desc):
+        return prepare()
+
+
+def _load_sft(args, tokenizer, training_args, max_positions: int | None) -> TrainingData:
+    from lmtrain.data.sft import limit_rows, prepare_sft_data
+
+    evaluate = training_args is not None and training_args.eval_strategy != "no"
+    data, report = _prepared_once(training_args, "preparing SFT data",
+                                  lambda: prepare_sft_data(args, tokenizer, evaluate=evaluate))
+    # After loading: a prepared directory's max_length and packing replace the run's.
+    check_positions(args.max_length, max_positions, "--max_length: the SFT samples", "Pass --max_length", "--max_length")
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    collator = collate_packed_blocks if args.packing else PadToLongestCollator(pad_id, args.padding_free)
+    # A seeded random subset, not the first rows: packed rows come out of the packer longest samples first.
+    train = limit_rows(data["train"], args.max_train_samples, args.prepare_seed)
+    return TrainingData(train, data.get("validation"), collator, args.max_length if args.packing else None,
+                        None, report)
 
 
 def _limit(dataset: datasets.Dataset | None, count: int | None):
@@ -78,18 +129,17 @@ def _block_size_was_given(args: DataArguments) -> bool:
     return args.block_size is not None and args.block_size != default
 
 
-def check_positions(block_size: int, max_positions: int | None, where: str, fix: str):
-    """A block longer than the model's position table fails late on a GPU (or runs on extrapolated RoPE)."""
+def check_positions(block_size: int, max_positions: int | None, where: str, fix: str, flag: str = "--block_size"):
+    """A row longer than the model's position table fails late on a GPU (or runs on extrapolated RoPE)."""
     if max_positions is not None and block_size > max_positions:
         raise DataError(f"{where} are {block_size} tokens long but the model has max_position_embeddings="
-                        f"{max_positions}: the model's max_position_embeddings must be >= the block size. "
-                        f"{fix} --block_size {max_positions} or less, or use a model with more positions "
+                        f"{max_positions}, which must be at least that. "
+                        f"{fix} {flag} {max_positions} or less, or use a model with more positions "
                         f"(--config_overrides max_position_embeddings={block_size} when training from scratch)")
 
 
-def load_pretrain_data(args: DataArguments, tokenizer, training_args, max_positions: int | None = None) -> TrainingData:
-    """Train and validation blocks. `max_positions`: the model's max_position_embeddings, checked against
-    the block size before any data is tokenized (raw sources) or used (prepared data)."""
+def _load_pretrain(args: DataArguments, tokenizer, training_args, max_positions: int | None) -> TrainingData:
+    """Packed blocks, from --dataset_path or prepared now from raw sources."""
     if args.dataset_path:
         prepared = load_prepared(args.dataset_path)
         report_path = os.path.join(args.dataset_path, "report.json")
@@ -107,14 +157,11 @@ def load_pretrain_data(args: DataArguments, tokenizer, training_args, max_positi
                         "Prepare the data again with data_prep/prepare_pretrain.py")
     else:
         check_positions(args.block_size, max_positions, "--block_size: the training blocks", "Pass")
-        with training_args.main_process_first(desc="preparing data"):
-            prepared, report_obj = prepare_pretrain_data(args, tokenizer)
+        prepared, report_obj = _prepared_once(training_args, "preparing data",
+                                              lambda: prepare_pretrain_data(args, tokenizer))
         report = report_obj.to_dict()
-        if training_args.process_index == 0:
+        if training_args is None or training_args.process_index == 0:
             logger.info("data preparation:\n%s", report_obj.summary())
-            os.makedirs(training_args.output_dir, exist_ok=True)
-            with open(os.path.join(training_args.output_dir, "data_report.json"), "w", encoding="utf-8") as f:
-                json.dump(report, f, indent=2)
     train = _limit(prepared["train"], args.max_train_samples)
     validation = prepared.get("validation")
     if validation is not None and "num_bytes" not in validation.column_names:
@@ -122,11 +169,10 @@ def load_pretrain_data(args: DataArguments, tokenizer, training_args, max_positi
                    "(prepared by an older lmtrain): evaluation samples blocks at random and bits per byte uses the "
                    "split's average bytes per token. Prepare the data again for exact and per-source figures",
                    args.dataset_path)
-    validation = select_eval_blocks(validation, args.max_eval_samples, args.prepare_seed)
     block_size = len(train[0]["input_ids"])
     _check_token_range(train, tokenizer)
-    return TrainingData(train, validation, block_size,
-                        report.get("bytes_per_token_by_split", {}).get("validation"))
+    return TrainingData(train, validation, collate_packed_blocks, block_size,
+                        report.get("bytes_per_token_by_split", {}).get("validation"), report)
 
 
 def _describe_difference(saved: dict, current: dict) -> str:

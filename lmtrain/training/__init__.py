@@ -2,7 +2,6 @@
 
 - trainer.py: LMTrainer (the Trainer subclass: throughput figures, token-weighted evaluation) and its
   wiring: build_trainer, run_training, why training ended, final metrics, the final save.
-- collators.py: rows -> batches (packed blocks, padded or padding-free SFT rows, the real-token count).
 - checkpoints.py: checkpoint policy: which checkpoint to resume from, completion records, finished runs,
   --overwrite_output_dir, checks that a checkpoint fits the model. Requeue logic goes here too.
 - callbacks.py: TrainerCallbacks that watch or steer the loop: throughput/MFU, curve plots, planned stops.
@@ -11,5 +10,6 @@
 - guards (a future guards.py): non-finite losses, loss spikes, SIGTERM/SIGUSR1 handlers; a guard is a
   callback or a hook in LMTrainer, kept in its own module.
 
-Formulas that a planner also needs (FLOPs per token, peak TFLOP/s) are in lmtrain/model/flops.py.
+Batches come from lmtrain/data/ (load_training_data: datasets and collator); formulas that a planner also
+needs (FLOPs per token, peak TFLOP/s) are in lmtrain/model/flops.py.
 """

@@ -30,7 +30,7 @@ class ThroughputCallback(TrainerCallback):
     mfu = tokens/s * FLOPs per token (lmtrain/model/flops.py, at the batch's row length) / the device's peak.
     """
 
-    def __init__(self, model, tokens_per_sample: int | None = None, peak_tflops: float | None = None):
+    def __init__(self, model, peak_tflops: float | None = None):
         self.model = model
         self.peak_tflops = peak_tflops or device_peak_tflops()
         self._parameters = None

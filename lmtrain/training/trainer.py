@@ -14,7 +14,7 @@ from transformers import Trainer
 from lmtrain.errors import UserError
 from lmtrain.training.callbacks import CurvePlotCallback, PlannedStopCallback, ThroughputCallback
 from lmtrain.training.checkpoints import check_checkpoint_fits, checkpoint_step, finish_from_checkpoint
-from lmtrain.training.collators import REAL_TOKENS_KEY, CountingCollator, collate_packed_blocks
+from lmtrain.data.collators import REAL_TOKENS_KEY, CountingCollator, collate_packed_blocks
 from lmtrain.training.metrics import eval_figures, token_loss_stats
 from lmtrain.training.reporting import configure_reporting, log_samples
 
@@ -169,7 +169,7 @@ class LMTrainer(Trainer):
 
 
 def build_trainer(model, tokenizer, args, train_dataset, eval_dataset=None, data_collator=collate_packed_blocks,
-                  eval_bytes_per_token: float | None = None, tokens_per_sample: int | None = None) -> LMTrainer:
+                  eval_bytes_per_token: float | None = None) -> LMTrainer:
     configure_reporting(args)
     callbacks = [CurvePlotCallback()] if args.plot_curves else []
     # Always present: it also retires the checkpoints of earlier planned stops (see PlannedStopCallback).
@@ -181,7 +181,7 @@ def build_trainer(model, tokenizer, args, train_dataset, eval_dataset=None, data
     return LMTrainer(model=model, args=args, train_dataset=train_dataset, eval_dataset=eval_dataset,
                      data_collator=data_collator, processing_class=tokenizer, callbacks=callbacks,
                      eval_bytes_per_token=eval_bytes_per_token,
-                     throughput=ThroughputCallback(model, peak_tflops=args.peak_tflops))  # tokens_per_sample: now counted per batch
+                     throughput=ThroughputCallback(model, peak_tflops=args.peak_tflops))
 
 
 def final_metrics(trainer: Trainer, result, evaluate: bool) -> dict:
