@@ -41,6 +41,7 @@ ENCODED_FEATURES = datasets.Features({
     "num_tokens": datasets.Value("int32"), "num_trainable": datasets.Value("int32"),
     "truncated": datasets.Value("bool"), "drop": datasets.Value("string"), "split": datasets.Value("string")})
 SFT_FORMAT_FIELDS = "'messages' (OpenAI), 'conversations' (ShareGPT) or 'instruction'+'output' (Alpaca)"
+_WARNED: Counter = Counter()  # drop warnings given by this process, per reason
 FORMAT_CHECK_RECORDS = 100  # as sources.FIELD_CHECK_RECORDS: a file none of whose first records is a chat
 
 
@@ -145,6 +146,9 @@ def _encode_batch(batch: dict, tokenizer, max_length: int, train_on_prompt: bool
             raise DataError(f"{batch['where'][i]}: {err} (with --lenient true such records are dropped and "
                             f"counted)") from None
         out["drop"][i] = err.reason
+        _WARNED[err.reason] += 1
+        if _WARNED[err.reason] <= 3:  # a few examples per process help; thousands would drown the log
+            logger.warning("dropping record at %s: %s", batch["where"][i], err)
 
     def store(i: int, ids: list[int], labels: list[int], truncated: bool):
         out["input_ids"][i] = np.asarray(ids, dtype=np.int32)
