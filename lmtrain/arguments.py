@@ -137,6 +137,9 @@ class TrainArguments(TrainingArguments):
                 "run resumed at), save a checkpoint and exit 0 without writing the final model; rerunning the "
                 "same command continues, and the run that reaches max_steps writes the final model."})
     plot_curves: bool = field(default=True, metadata={"help": "Write training_curves.png at the end."})
+    max_nonfinite_steps: int = field(default=5, metadata={
+        "help": "Stop after this many consecutive optimizer steps with a NaN/Inf loss or gradient norm (each is "
+                "skipped: weights and optimizer state unchanged); 0: skip them without ever stopping."})
     peak_tflops: float | None = field(default=None, metadata={
         "help": "Per-device dense bf16 peak for the MFU estimate (default: known GPUs, e.g. 989 for H100)."})
 
@@ -147,6 +150,8 @@ class TrainArguments(TrainingArguments):
             self.report_to = [name.strip() for name in self.report_to.split(",") if name.strip()]
         if self.logging_dir:
             os.environ.setdefault("TENSORBOARD_LOGGING_DIR", self.logging_dir)
+        if self.max_nonfinite_steps < 0:
+            raise ValueError(f"--max_nonfinite_steps {self.max_nonfinite_steps}: must be 0 (never stop) or more")
         if self.stop_after_steps is not None and self.stop_after_steps < 1:
             raise ValueError(f"--stop_after_steps {self.stop_after_steps}: must be at least 1")
         evaluating = str(self.eval_strategy) not in ("no", "IntervalStrategy.NO")

@@ -31,6 +31,7 @@ from lmtrain.model.lora import apply_lora, save_lora_model
 from lmtrain.model.building import build_model
 from lmtrain.tokenizer import load_tokenizer
 from lmtrain.training.checkpoints import completed_run, mark_run_complete, resolve_resume
+from lmtrain.training.signals import exit_after_signal
 from lmtrain.training.trainer import build_trainer, end_of_training, final_metrics, run_training, save_final_model
 
 logger = logging.getLogger("sft")
@@ -62,7 +63,9 @@ def main(argv=None):
                             eval_bytes_per_token=data.validation_bytes_per_token)
     result = run_training(trainer, resume_from)
     ended = end_of_training(trainer)
-    if ended == "stopped":  # planned stop or interruption: a checkpoint, no final model
+    if ended == "interrupted":  # SIGTERM/SIGINT: a checkpoint, no final model, exit 128 + N
+        exit_after_signal(trainer)
+    if ended == "stopped":  # planned stop: a checkpoint, no final model
         return trainer, dict(result.metrics)
     metrics = final_metrics(trainer, result, data.validation is not None and training_args.eval_strategy != "no")
     trainer.save_state()

@@ -135,6 +135,12 @@ class PlannedStopCallback(TrainerCallback):
                 found.append(path)
         return found
 
+    def add_extra_save(self, control):
+        """Another stop between regular saves (a signal, lmtrain/training/signals.py): its checkpoint is
+        handled like a planned stop's (not counted against save_total_limit, retired later)."""
+        if not control.should_save:
+            control.should_save, self._extra_save = True, True
+
     def on_step_end(self, args, state, control, **kwargs):
         # The run's own end (max_steps) already set should_training_stop: that is no planned stop.
         if self.stop_at is not None and state.global_step >= self.stop_at and not control.should_training_stop:

@@ -1,12 +1,13 @@
 """Checkpoint and run policy: which checkpoint a run resumes from, what --overwrite_output_dir deletes,
-the completion record of a finished run, and the checks that a checkpoint fits the model before training
-resumes from it."""
+the completion record of a finished run, the completion marker of each checkpoint and checkpoint rotation,
+and the checks that a checkpoint fits the model before training resumes from it."""
 from __future__ import annotations
 
 import json
 import logging
 import os
 import shutil
+import time
 from pathlib import Path
 
 from transformers import Trainer
@@ -16,16 +17,58 @@ from lmtrain.errors import UserError
 
 logger = logging.getLogger(__name__)
 
+# Written last into every checkpoint, on rank 0 after all ranks finished writing their files: its presence
+# (and the sizes it lists still matching) is what "complete" means. A kill -9 anywhere in the save, on any
+# rank, leaves no marker, so that directory is skipped (and reported), never loaded.
+CHECKPOINT_MARKER = "lmtrain_checkpoint.json"
 
-def is_complete_checkpoint(path: Path) -> bool:
-    """A checkpoint a crash did not cut short. The Trainer writes trainer_state.json after the weights,
-    optimizer, scheduler and RNG states, so a parsable trainer_state.json next to weights means complete."""
-    state = path / "trainer_state.json"
+
+def write_checkpoint_marker(path: Path, step: int, world_size: int, zero_stage: int | None):
+    files = {str(f.relative_to(path)): f.stat().st_size for f in sorted(path.rglob("*"))
+             if f.is_file() and f.name != CHECKPOINT_MARKER}
+    record = {"step": step, "world_size": world_size, "zero_stage": zero_stage, "saved_at": time.time(),
+              "files": files}
+    tmp = path / (CHECKPOINT_MARKER + ".tmp")
+    tmp.write_text(json.dumps(record, indent=1), encoding="utf-8")
+    os.replace(tmp, path / CHECKPOINT_MARKER)  # atomic: a crash leaves either no marker or a whole one
+
+
+def read_checkpoint_marker(path: Path) -> dict | None:
     try:
-        json.loads(state.read_text())
+        return json.loads((Path(path) / CHECKPOINT_MARKER).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+
+
+def _legacy_complete(path: Path) -> bool:
+    """The rule before markers: the Trainer writes trainer_state.json after the weights, optimizer, scheduler
+    and RNG states (on rank 0 only, without waiting for the other ranks)."""
+    try:
+        json.loads((path / "trainer_state.json").read_text())
     except (OSError, ValueError):
         return False
     return any(path.glob("*.safetensors")) or (path / "latest").exists() or any(path.glob("*.bin"))
+
+
+def checkpoint_problem(path) -> str | None:
+    """Why a checkpoint directory cannot be resumed from, or None when it is complete."""
+    path = Path(path)
+    if not (path / CHECKPOINT_MARKER).exists():
+        return f"no completion marker {CHECKPOINT_MARKER} (the save was interrupted, or an older lmtrain wrote it)"
+    record = read_checkpoint_marker(path)
+    if record is None:
+        return f"{CHECKPOINT_MARKER} is unreadable"
+    for name, size in record.get("files", {}).items():
+        file = path / name
+        if not file.is_file():
+            return f"{name} is missing (listed in {CHECKPOINT_MARKER})"
+        if file.stat().st_size != size:
+            return f"{name} has {file.stat().st_size} bytes, {CHECKPOINT_MARKER} lists {size} (changed or truncated)"
+    return None
+
+
+def is_complete_checkpoint(path: Path) -> bool:
+    return checkpoint_problem(path) is None
 
 
 COMPLETE_FILE = "lmtrain_complete.json"  # written last, after the final model: the run is finished
@@ -45,11 +88,37 @@ def _checkpoint_dirs(output_dir) -> list[Path]:
 
 
 def find_resume_checkpoint(output_dir: str) -> str | None:
+    """The newest complete checkpoint; each newer incomplete one is reported with the reason."""
     for path in _checkpoint_dirs(output_dir):
-        if is_complete_checkpoint(path):
+        problem = checkpoint_problem(path)
+        if problem is None:
             return str(path)
-        logger.warning("skipping incomplete checkpoint %s (interrupted while saving?)", path)
+        logger.warning("skipping incomplete checkpoint %s: %s", path, problem)
     return None
+
+
+def rotate_complete_checkpoints(output_dir, limit: int | None, best: str | None, newest: Path):
+    """save_total_limit counting complete checkpoints only (transformers' rotation counts every directory
+    and orders by mtime): keeps the `limit` newest complete ones, never the newest complete one nor the best,
+    and deletes the incomplete leftovers of interrupted saves older than `newest` (never loadable). Called after
+    `newest`'s marker is written, so the previous complete checkpoint outlives every moment of the new save."""
+    if not limit or limit <= 0:
+        return
+    complete, leftovers = [], []
+    for path in _checkpoint_dirs(output_dir):  # newest first
+        if checkpoint_problem(path) is None:
+            complete.append(path)
+        elif checkpoint_step(path) < checkpoint_step(newest):
+            leftovers.append(path)
+    keep = set(complete[:max(limit, 1)])
+    if best:
+        keep.add(Path(best))
+    for path in complete:
+        if path not in keep:
+            shutil.rmtree(path, ignore_errors=True)
+    for path in leftovers:
+        logger.info("deleting %s: an incomplete checkpoint older than %s", path.name, newest.name)
+        shutil.rmtree(path, ignore_errors=True)
 
 
 def _planned_steps(args) -> dict:
@@ -130,9 +199,14 @@ def resolve_resume(args) -> str | None:
     - else a fresh start, if output_dir holds nothing or only files an earlier attempt of ours wrote before
       its first checkpoint (EARLY_RUN_FILES); any other file refuses, so a typo never mixes two runs."""
     if args.resume_from_checkpoint:
-        if not is_complete_checkpoint(Path(args.resume_from_checkpoint)):
-            raise UserError(f"--resume_from_checkpoint {args.resume_from_checkpoint}: not a complete "
-                            "checkpoint directory (no trainer_state.json or weights)")
+        path = Path(args.resume_from_checkpoint)
+        problem = checkpoint_problem(path)
+        if problem is not None and not (path / CHECKPOINT_MARKER).exists() and _legacy_complete(path):
+            logger.warning("--resume_from_checkpoint %s has no %s (written before markers existed?); its "
+                           "trainer_state.json and weights are there, so it is used as given", path, CHECKPOINT_MARKER)
+        elif problem is not None:
+            raise UserError(f"--resume_from_checkpoint {path}: not a complete checkpoint ({problem}). Give another "
+                            "checkpoint, or leave the flag out to resume from the newest complete one")
         return args.resume_from_checkpoint
     output = Path(args.output_dir)
     if output.exists() and not output.is_dir():
@@ -145,6 +219,11 @@ def resolve_resume(args) -> str | None:
     found = find_resume_checkpoint(args.output_dir)
     if found:
         logger.info("resuming from %s (the newest complete checkpoint in output_dir)", found)
+        record = read_checkpoint_marker(Path(found)) or {}
+        if record.get("zero_stage") and record.get("world_size") not in (None, args.world_size):
+            logger.warning("%s was written by %s ranks under ZeRO stage %s and this run has %d: DeepSpeed may not "
+                           "load its partitioned optimizer states", found, record["world_size"], record["zero_stage"],
+                           args.world_size)
         return found
     ours = _early_run_files(args)
     foreign = sorted(p.name for p in output.iterdir()
@@ -203,3 +282,31 @@ def finish_from_checkpoint(trainer: Trainer, checkpoint: str):
     train_loss = sum(logged) / len(logged) if logged else float("nan")  # the mean of the logged losses
     return TrainOutput(state.global_step, train_loss, {"train_loss": train_loss, "epoch": state.epoch})
 
+
+
+def save_checkpoint_with_marker(trainer: Trainer, save):
+    """Trainer._save_checkpoint (`save`, which writes checkpoint-N on every rank) with the rotation moved
+    after the completion marker: the marker is written by rank 0 once every rank has returned from the save,
+    and only then are older checkpoints deleted (counting complete ones only)."""
+    args = trainer.args
+    folder = Path(args.output_dir) / f"{PREFIX_CHECKPOINT_DIR}-{trainer.state.global_step}"
+    if trainer.is_world_process_zero() and folder.is_dir() and checkpoint_problem(folder) is not None:
+        # An interrupted save of this very step (before a crash and the resume): start it clean, so no file
+        # of that attempt (another world size's shards, a half-written optimizer state) survives into this one.
+        logger.info("%s exists but is incomplete (%s): deleting it before saving again", folder.name,
+                    checkpoint_problem(folder))
+        shutil.rmtree(folder, ignore_errors=True)
+    trainer.accelerator.wait_for_everyone()
+    limit, args.save_total_limit = args.save_total_limit, None  # transformers' rotation off: ours runs below
+    try:
+        save()
+    finally:
+        args.save_total_limit = limit
+    trainer.accelerator.wait_for_everyone()  # every rank's shards are on disk before the marker says so
+    if trainer.is_world_process_zero() and folder.is_dir():
+        zero_stage = None
+        if trainer.is_deepspeed_enabled:
+            zero_stage = trainer.accelerator.state.deepspeed_plugin.zero_stage
+        write_checkpoint_marker(folder, trainer.state.global_step, args.world_size, zero_stage)
+        rotate_complete_checkpoints(args.output_dir, limit, trainer.state.best_model_checkpoint, folder)
+    trainer.accelerator.wait_for_everyone()

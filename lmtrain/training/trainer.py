@@ -13,7 +13,10 @@ from transformers import Trainer
 
 from lmtrain.errors import UserError
 from lmtrain.training.callbacks import CurvePlotCallback, PlannedStopCallback, ThroughputCallback
-from lmtrain.training.checkpoints import check_checkpoint_fits, checkpoint_step, finish_from_checkpoint
+from lmtrain.training.checkpoints import (check_checkpoint_fits, checkpoint_step, finish_from_checkpoint,
+                                          save_checkpoint_with_marker)
+from lmtrain.training.guards import NonFiniteStop, StepGuard
+from lmtrain.training.signals import PreemptionCallback, signal_name
 from lmtrain.data.collators import REAL_TOKENS_KEY, CountingCollator, collate_packed_blocks
 from lmtrain.training.metrics import eval_figures, token_loss_stats
 from lmtrain.training.reporting import configure_reporting, log_samples
@@ -44,12 +47,22 @@ def run_training(trainer: Trainer, resume_from: str | None):
 
 def end_of_training(trainer: Trainer) -> str:
     """Why trainer.train returned, said in the log: "max_steps" (the plan's end), "early_stopping" (both
-    finish the run), or "stopped" (a planned stop or an interruption: a checkpoint is saved, the final model
-    is not written, and rerunning the command continues)."""
+    finish the run), "stopped" (a planned stop: a checkpoint is saved, the final model is not written, and
+    rerunning the command continues) or "interrupted" (the same, after SIGTERM/SIGINT; the entry script exits
+    with 128 + the signal number). Too many consecutive non-finite steps raise NonFiniteStop."""
     from transformers import EarlyStoppingCallback
 
     state, args = trainer.state, trainer.args
     callbacks = trainer.callback_handler.callbacks
+    guard = next((c for c in callbacks if isinstance(c, StepGuard) and c.halted), None)
+    if guard is not None:
+        raise NonFiniteStop(guard.halted)
+    signalled = next((c for c in callbacks if isinstance(c, PreemptionCallback) and c.stopped_at is not None), None)
+    if signalled is not None:
+        logger.warning("stopped by %s at step %d of %d: checkpoint-%d is saved, the final model is not written. "
+                       "Rerun the same command to continue", signal_name(signalled.received), state.global_step,
+                       state.max_steps, state.global_step)
+        return "interrupted"
     planned = next((c for c in callbacks if isinstance(c, PlannedStopCallback) and c.stopped_at is not None), None)
     early = next((c for c in callbacks if isinstance(c, EarlyStoppingCallback)
                   and c.early_stopping_patience_counter >= c.early_stopping_patience), None)
@@ -77,18 +90,41 @@ class LMTrainer(Trainer):
     """
 
     def __init__(self, *args, eval_bytes_per_token: float | None = None, throughput: ThroughputCallback | None = None,
-                 **kwargs):
+                 guard: StepGuard | None = None, **kwargs):
         super().__init__(*args, **kwargs)
         self.eval_bytes_per_token = eval_bytes_per_token
         self.throughput = throughput
         if throughput is not None:
             self.add_callback(throughput)
+        self.guard = guard
+        if guard is not None:
+            self.add_callback(guard)
 
     def log(self, logs: dict, *args, **kwargs):
         # Added here rather than in a callback's on_log so every reporter (TensorBoard, SwanLab) sees them.
         if self.throughput is not None and "loss" in logs:
             logs.update(self.throughput.metrics(self.args))
+        if self.guard is not None and "loss" in logs:
+            logs.update(self.guard.metrics())
         super().log(logs, *args, **kwargs)
+
+    def training_step(self, model, inputs, num_items_in_batch=None):
+        loss = super().training_step(model, inputs, num_items_in_batch)
+        if self.guard is not None:
+            self.guard.note_loss(loss)
+        return loss
+
+    def _get_grad_norm(self, model, grad_norm=None):
+        """The Trainer's last call between the backward passes and optimizer.step: where a non-finite step is
+        turned into a skipped one (lmtrain/training/guards.py)."""
+        grad_norm = super()._get_grad_norm(model, grad_norm)
+        if self.guard is not None:
+            self.guard.check(self, model, grad_norm)
+        return grad_norm
+
+    def _save_checkpoint(self, model, trial):
+        # The completion marker, then rotation counting complete checkpoints (lmtrain/training/checkpoints.py).
+        save_checkpoint_with_marker(self, lambda: super(LMTrainer, self)._save_checkpoint(model, trial))
 
     def get_train_dataloader(self):
         # Only training batches carry the real-token count; evaluation batches go to the model unchanged.
@@ -173,7 +209,8 @@ def build_trainer(model, tokenizer, args, train_dataset, eval_dataset=None, data
     configure_reporting(args)
     callbacks = [CurvePlotCallback()] if args.plot_curves else []
     # Always present: it also retires the checkpoints of earlier planned stops (see PlannedStopCallback).
-    callbacks.append(PlannedStopCallback(args.stop_after_steps))
+    planned = PlannedStopCallback(args.stop_after_steps)
+    callbacks += [PreemptionCallback(planned), planned]  # this order: a signal's extra save is a planned one
     if args.early_stopping_patience:
         from transformers import EarlyStoppingCallback
 
@@ -181,7 +218,8 @@ def build_trainer(model, tokenizer, args, train_dataset, eval_dataset=None, data
     return LMTrainer(model=model, args=args, train_dataset=train_dataset, eval_dataset=eval_dataset,
                      data_collator=data_collator, processing_class=tokenizer, callbacks=callbacks,
                      eval_bytes_per_token=eval_bytes_per_token,
-                     throughput=ThroughputCallback(model, peak_tflops=args.peak_tflops))
+                     throughput=ThroughputCallback(model, peak_tflops=args.peak_tflops),
+                     guard=StepGuard(args.max_nonfinite_steps))
 
 
 def final_metrics(trainer: Trainer, result, evaluate: bool) -> dict:
