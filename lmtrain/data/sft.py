@@ -60,7 +60,9 @@ def check_messages(messages: list[dict]):
     """Record problems that no template or truncation can fix (each a RecordProblem with its reason)."""
     if not messages:
         raise RecordProblem("bad_format", "the conversation has no messages")
-    unknown = sorted({str(m["role"]) for m in messages if m["role"] not in KNOWN_ROLES})
+    # isinstance first: a role that is a list or an object is unhashable (found by tests/test_fuzz_readers.py).
+    unknown = sorted({str(m["role"]) for m in messages
+                      if not isinstance(m["role"], str) or m["role"] not in KNOWN_ROLES})
     if unknown:
         raise RecordProblem("unknown_role", f"unknown role(s) {unknown}; expected one of {sorted(KNOWN_ROLES)}")
     bad = [m["role"] for m in messages if not isinstance(m["content"], str)]

@@ -156,6 +156,17 @@ def _check_text(value, where: str, text_field: str, stats: ReadStats, strict: bo
     return value
 
 
+def _json_problem(err: Exception) -> str:
+    """What json.loads could not read. Besides syntax errors (JSONDecodeError) it raises RecursionError for
+    nesting deeper than Python's recursion limit and ValueError for an integer of more than 4,300 digits
+    (sys.int_max_str_digits): both are bad records, found by tests/test_fuzz_readers.py."""
+    if isinstance(err, json.JSONDecodeError):
+        return f"{err.msg}, column {err.colno}"
+    if isinstance(err, RecursionError):
+        return "nested too deeply"
+    return str(err).split(";")[0]
+
+
 def read_jsonl_records(path: str, stats: ReadStats, strict: bool) -> Iterator[tuple[str, dict]]:
     """(where, record) for each JSON object of a JSON-lines file. Reads bytes, so a non-UTF-8 line is
     reported with its line number; a bad line is a counted drop or (strict) a DataError naming file:line."""
@@ -174,8 +185,8 @@ def read_jsonl_records(path: str, stats: ReadStats, strict: bool) -> Iterator[tu
                 continue
             try:
                 record = json.loads(line)
-            except json.JSONDecodeError as err:
-                stats.drop("malformed_json", where, strict, f"malformed JSON ({err.msg}, column {err.colno})")
+            except (ValueError, RecursionError) as err:  # JSONDecodeError, or what json.loads cannot hold
+                stats.drop("malformed_json", where, strict, f"malformed JSON ({_json_problem(err)})")
                 continue
             if not isinstance(record, dict):
                 stats.drop("not_an_object", where, strict, f"expected a JSON object, got {type(record).__name__}")
@@ -192,8 +203,8 @@ def read_json_array_records(path: str, stats: ReadStats, strict: bool) -> Iterat
         return
     try:
         records = json.loads(Path(path).read_text(encoding="utf-8-sig"))
-    except (json.JSONDecodeError, UnicodeDecodeError) as err:
-        raise DataError(f"{path}: not a valid JSON array ({err})") from None
+    except (ValueError, RecursionError) as err:  # UnicodeDecodeError and JSONDecodeError are ValueErrors
+        raise DataError(f"{path}: not a valid JSON array ({_json_problem(err)})") from None
     for index, record in enumerate(records):
         stats.records_read += 1
         where = f"{path}[{index}]"
