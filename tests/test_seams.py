@@ -212,3 +212,36 @@ def test_flops_per_token_and_mfu_against_a_hand_count(tied, monkeypatch):
     assert figures["tokens_per_second_per_device"] == pytest.approx(tokens_per_second)
     assert figures["step_seconds"] == pytest.approx(0.5)
     assert figures["mfu"] == pytest.approx(expected, abs=1e-4) and 0.05 < expected < 1
+
+
+# ------------------------------------------------------------------------------------------- the lmtrain command
+
+def test_lmtrain_command_lists_every_command_and_runs_the_scripts_code(tmp_path, capsys):
+    import importlib
+
+    from lmtrain.cli.main import COMMANDS, main
+
+    assert main(["--help"]) == 0
+    listed = capsys.readouterr().out
+    for name, (module, script, _) in COMMANDS.items():
+        assert f"  {name} " in listed and script in listed
+        assert (REPO / script).is_file()  # the top-level script it stands for
+        assert callable(importlib.import_module(f"lmtrain.cli.{module}").main)
+    state = tmp_path / "trainer_state.json"
+    state.write_text(json.dumps({"log_history": [{"step": 1, "loss": 3.0}, {"step": 2, "loss": 2.5}]}))
+    assert main(["plot", str(state), "--output", str(tmp_path / "curves.png")]) == 0
+    assert (tmp_path / "curves.png").stat().st_size > 0
+    assert main(["pretrian"]) == 2 and "did you mean pretrain?" in capsys.readouterr().err
+
+
+def test_console_script_and_scripts_from_another_directory(tmp_path):
+    command = Path(sys.executable).parent / "lmtrain"
+    if not command.exists():
+        pytest.skip("the lmtrain console script is not installed (pip install -r requirements.txt installs it)")
+    listed = subprocess.run([str(command), "--help"], capture_output=True, text=True, cwd=tmp_path, timeout=120)
+    assert listed.returncode == 0 and "prepare-sft" in listed.stdout
+    # A data_prep script: its directory, not the repository, is on sys.path (pretrain.py from another
+    # directory: test_token_range_error_is_one_message_from_the_script).
+    run = subprocess.run([sys.executable, str(REPO / "data_prep" / "prepare_pretrain.py"), "--help"],
+                         capture_output=True, text=True, cwd=tmp_path, timeout=120)
+    assert run.returncode == 0 and "--output_dir" in run.stdout, run.stderr[-2000:]
