@@ -232,7 +232,7 @@ def test_resume_after_kill_minus_9_reproduces_uninterrupted_losses(corpus_and_to
     command = [sys.executable, str(REPO / "pretrain.py"), *base_args(root, corpus, tokenizer_dir, out, *args)]
     process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline = time.time() + 300
-    while not (out / "checkpoint-20" / "trainer_state.json").exists() and time.time() < deadline:
+    while not (out / "checkpoint-20" / "lmtrain_checkpoint.json").exists() and time.time() < deadline:
         time.sleep(0.05)
     process.send_signal(signal.SIGKILL)
     process.wait()
