@@ -1,13 +1,20 @@
-"""Launch environment: a plain `python pretrain.py --deepspeed ...` runs as a one-process job."""
+"""Launch environment: a plain `python pretrain.py --deepspeed ...` runs as a one-process job, and
+`torchrun --nproc_per_node N` on a machine without a GPU trains as N-process data parallel on the CPU."""
 from __future__ import annotations
 
 import logging
 import os
 import socket
+from contextlib import contextmanager
+from datetime import timedelta
 
 logger = logging.getLogger(__name__)
 
 LAUNCHER_VARIABLES = ("RANK", "WORLD_SIZE", "LOCAL_RANK")
+# How long the other ranks wait for the main process to prepare data on the fly. Not --ddp_timeout: that
+# bounds collectives that should take seconds (a hung rank is found within it), while tokenizing a corpus
+# can take hours. The ranks wait in a barrier of their own gloo group, whose timeout is this one.
+PREPARATION_TIMEOUT = timedelta(days=7)
 
 
 def default_single_process_environment(deepspeed: str | dict | None):
@@ -30,3 +37,64 @@ def _free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         return sock.getsockname()[1]
+
+
+def launched_world_size() -> int:
+    """The number of processes a launcher (torchrun, deepspeed, accelerate launch) started; 1 without one."""
+    try:
+        return int(os.environ.get("WORLD_SIZE", "1"))
+    except ValueError:
+        return 1
+
+
+def cpu_only_machine() -> bool:
+    import torch
+
+    xpu = getattr(torch, "xpu", None)
+    return not torch.cuda.is_available() and not (xpu is not None and xpu.is_available()) \
+        and not torch.backends.mps.is_available()
+
+
+def needs_cpu_data_parallel(use_cpu: bool, deepspeed) -> bool:
+    """True when several launched processes have no GPU and --use_cpu was not given.
+
+    Without --use_cpu, accelerate only counts a launched world as distributed when it finds a GPU backend
+    (accelerate/state.py _prepare_backend): on a CPU-only machine every rank then trained alone on the full
+    data, the process group was still initialized (transformers warns "parallel_mode !=
+    ParallelMode.DISTRIBUTED") and the logged loss was the ranks' losses summed (12.5 for 6.2). use_cpu makes
+    it MULTI_CPU (gloo), i.e. DistributedDataParallel with a distributed sampler: N processes of batch B
+    train exactly like one process of batch N*B.
+
+    DeepSpeed on CPUs runs in one process only (its CPU accelerator has no working multi-process engine
+    here): several launched processes with --deepspeed and no GPU are refused (ValueError: a UserError
+    through parse_arguments) rather than left to hang or fail deep inside DeepSpeed."""
+    if launched_world_size() <= 1 or not cpu_only_machine():
+        return False
+    if deepspeed:
+        raise ValueError(f"--deepspeed with {launched_world_size()} processes on a machine without a GPU: DeepSpeed "
+                         "runs on CPUs in one process only. Run `python pretrain.py --deepspeed ...` (one process), "
+                         "or drop --deepspeed for CPU data parallel (`torchrun --nproc_per_node N ... "
+                         "--ddp_backend gloo`)")
+    return not use_cpu
+
+
+@contextmanager
+def main_process_first(training_args, desc: str):
+    """Each node's main process runs the block first (it prepares and caches the data); the other ranks wait,
+    then run it on the cache. Like TrainingArguments.main_process_first, but the wait does not time out after
+    --ddp_timeout (the default 30 min, or less): a preparation slower than that used to crash the waiting
+    ranks with a gloo/NCCL timeout. If the main process fails the others are not released: the launcher
+    (torchrun, deepspeed) ends them when it exits non-zero."""
+    import torch.distributed as dist
+
+    if training_args is None or training_args.world_size <= 1 or not (dist.is_available() and dist.is_initialized()):
+        yield
+        return
+    group = dist.new_group(backend="gloo", timeout=PREPARATION_TIMEOUT)  # every rank creates it, in the same order
+    first = training_args.local_process_index == 0
+    if not first:
+        logger.info("rank %d waits for the main process: %s", training_args.process_index, desc)
+        dist.barrier(group=group)
+    yield
+    if first:
+        dist.barrier(group=group)

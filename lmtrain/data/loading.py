@@ -60,10 +60,11 @@ def load_training_data(stage: str, args, tokenizer, training_args=None, max_posi
 
 
 def _prepared_once(training_args, desc: str, prepare: Callable):
-    """Run `prepare` on the main process first; the other ranks then reuse its cache."""
-    if training_args is None:
-        return prepare()
-    with training_args.main_process_first(desc=desc):
+    """Run `prepare` on the main process first; the other ranks then reuse its cache (without a timeout:
+    see lmtrain.distributed.main_process_first)."""
+    from lmtrain.distributed import main_process_first
+
+    with main_process_first(training_args, desc):
         return prepare()
 
 
