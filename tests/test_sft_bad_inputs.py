@@ -168,6 +168,7 @@ def test_directories_and_globs_read_every_file(tokenizer, tmp_path):
     folder.mkdir()
     write(folder / "a.jsonl", GOOD[:2])
     write(folder / "b.jsonl", GOOD[2:])
+    (folder / "README.md").write_text("# not a conversation file: left out of a directory")
     for location in (folder, folder / "*.jsonl"):
         data, _ = prepare_sft_files(args([location], tmp_path), tokenizer)
         assert data["train"]["input_ids"] == expected_ids(tokenizer, GOOD)

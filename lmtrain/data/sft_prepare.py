@@ -102,11 +102,23 @@ def _reraise_data_error(err: Exception):
     raise err
 
 
+RECORD_SUFFIXES = (".jsonl", ".json", ".parquet")
+
+
 def _files(locations: list[str]) -> list[str]:
+    """Local record files of the locations (a directory's .txt / .md files are not conversations: left out),
+    or one `hub://NAME` entry per hub dataset / save_to_disk directory."""
     files = []
     for location in locations:
         local = expand_location(location)
-        files += local if local is not None else [f"hub://{location}"]
+        if local is None:
+            files.append(f"hub://{location}")
+            continue
+        if os.path.isdir(location):
+            local = [f for f in local if f.lower().endswith(RECORD_SUFFIXES)]
+            if not local:
+                raise DataError(f"directory '{location}' holds no {' / '.join(RECORD_SUFFIXES)} files")
+        files += local
     return files
 
 
