@@ -155,7 +155,8 @@ def fake_checkpoint(output: Path, step: int, complete: bool = True) -> Path:
 def test_rotation_counts_complete_checkpoints_only_and_keeps_the_newest_complete_and_the_best(tmp_path):
     for step, complete in ((2, True), (4, True), (5, False), (6, True), (8, True), (10, False)):
         fake_checkpoint(tmp_path, step, complete)
-    rotate_complete_checkpoints(tmp_path, limit=2, best=str(tmp_path / "checkpoint-2"), newest=tmp_path / "checkpoint-8")
+    rotate_complete_checkpoints(tmp_path, limit=2, best=str(tmp_path / "checkpoint-2"),
+                                newest=tmp_path / "checkpoint-8")
     # 8 and 6: the two newest complete; 2: the best; 5: an interrupted save older than the new one, deleted;
     # 10: newer than the new checkpoint (a leftover a later save replaces), kept; 4: rotated out.
     assert sorted(p.name for p in tmp_path.glob("checkpoint-*")) == ["checkpoint-10", "checkpoint-2", "checkpoint-6",

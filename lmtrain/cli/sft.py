@@ -31,6 +31,7 @@ from lmtrain.model.lora import apply_lora, save_lora_model
 from lmtrain.model.building import build_model
 from lmtrain.tokenizer import load_tokenizer
 from lmtrain.training.checkpoints import completed_run, mark_run_complete, resolve_resume
+from lmtrain.training.preflight import preflight
 from lmtrain.training.signals import exit_after_signal
 from lmtrain.training.trainer import build_trainer, end_of_training, final_metrics, run_training, save_final_model
 
@@ -45,6 +46,9 @@ def main(argv=None):
     finished = completed_run(training_args)  # a requeued finished run: change nothing
     if finished is not None:
         return None, finished.get("metrics", {})
+    # Before any download or data preparation (--dataset_path: the row length is the prepared data's).
+    preflight(model_args, training_args, None if data_args.dataset_path else data_args.max_length, "--max_length",
+              use_lora=lora_args.use_lora)
     resume_from = resolve_resume(training_args)
     set_seed(training_args.seed)
     if training_args.process_index == 0:
