@@ -100,7 +100,8 @@ def measure_raw(corpus_dir: str, tokenizer_dir: str, num_proc: int, batch_size: 
 def measure_prepare(corpus_dir: str, tokenizer_dir: str, num_proc: int, block_size: int, work_dir: str) -> dict:
     """(b): tokens/s of prepare_pretrain_data (cleaning off) + save_prepared, from the jsonl files."""
     from lmtrain.arguments import DataArguments
-    from lmtrain.data.pipeline import prepare_pretrain_data, save_prepared
+    from lmtrain.data.pipeline import prepare_pretrain_data
+    from lmtrain.data.prepared import save_prepared
     from lmtrain.tokenizer import load_tokenizer
 
     run_dir = Path(tempfile.mkdtemp(prefix="prepare-", dir=work_dir))

@@ -22,7 +22,8 @@ from dataclasses import dataclass, field
 
 from lmtrain.arguments import DataArguments
 from lmtrain.cli.parsing import parse_arguments
-from lmtrain.data.pipeline import prepare_pretrain_data, save_prepared
+from lmtrain.data.pipeline import prepare_pretrain_data
+from lmtrain.data.prepared import save_prepared
 from lmtrain.tokenizer import load_tokenizer
 
 logger = logging.getLogger("prepare_pretrain")

@@ -20,7 +20,9 @@ import numpy as np
 
 from lmtrain.arguments import DataArguments
 from lmtrain.data.collators import PadToLongestCollator, collate_packed_blocks
-from lmtrain.data.pipeline import load_prepared, prepare_pretrain_data, tokenizer_fingerprint
+from lmtrain.data.pipeline import prepare_pretrain_data
+from lmtrain.data.prepared import load_prepared
+from lmtrain.data.tokenize import tokenizer_fingerprint
 from lmtrain.data.sources import DataError
 
 logger = logging.getLogger(__name__)

@@ -7,13 +7,23 @@ attention_mask is passed) then keeps documents from attending to each other.
 """
 from __future__ import annotations
 
-from typing import Iterator
+import hashlib
+import json
+from pathlib import Path
+from typing import TYPE_CHECKING, Iterator
 
+import datasets
 import numpy as np
 import pyarrow as pa
+from datasets.arrow_writer import ArrowWriter
+from tqdm.auto import tqdm
+
+if TYPE_CHECKING:
+    from lmtrain.arguments import DataArguments
 
 IGNORE_INDEX = -100
 BLOCK_COLUMNS = ("input_ids", "labels", "position_ids")
+BLOCK_FEATURES = datasets.Features.from_arrow_schema(pa.schema({name: pa.list_(pa.int32()) for name in BLOCK_COLUMNS}))
 
 
 def positions_in_segments(segment_lengths: np.ndarray) -> np.ndarray:
@@ -96,3 +106,80 @@ def blocks_to_arrow(blocks: dict) -> pa.Table:
         columns[name] = pa.ListArray.from_arrays(offsets, pa.array(array.reshape(-1)))
     return pa.table(columns)
 
+
+# Packing a tokenized datasets.Dataset into cached Arrow files of blocks (pretraining).
+PACK_TOKENS = 4_000_000   # ~250 MB of packer arrays at once
+
+
+def pack_documents(tokenized: datasets.Dataset, indices: np.ndarray, block_size: int, pad_id: int, drop_remainder: bool,
+          cache_dir: Path, overwrite: bool, desc: str) -> tuple[datasets.Dataset, dict]:
+    """Pack the selected documents, in order, into blocks written straight to an Arrow file (cached)."""
+    key = hashlib.sha256(json.dumps([tokenized._fingerprint, block_size, pad_id, drop_remainder]).encode()
+                         + indices.tobytes()).hexdigest()[:24]
+    path = cache_dir / f"packed-{key}.arrow"
+    meta_path = path.with_suffix(".json")
+    if path.exists() and meta_path.exists() and not overwrite:
+        return datasets.Dataset.from_file(str(path)), {**json.loads(meta_path.read_text()), "cache": "reused"}
+    packer = BlockPacker(block_size, pad_id, drop_remainder)
+    tmp = path.with_suffix(".tmp")
+    selected = tokenized.select(indices).with_format("arrow")
+    mean_tokens = pa.compute.mean(selected["num_tokens"]).as_py() or 1
+    batch_docs = int(min(4096, max(1, PACK_TOKENS // mean_tokens)))
+    blocks = 0
+    # Explicit features: a split too small for one block (drop_remainder) still writes a valid, empty file.
+    with ArrowWriter(path=str(tmp), features=BLOCK_FEATURES) as writer, \
+            tqdm(total=len(indices), desc=desc, unit="doc") as bar:
+        for table in selected.iter(batch_size=batch_docs):
+            column = table.column("input_ids").combine_chunks()
+            # flatten() honours slicing (`.values` would return the whole underlying buffer)
+            flat = column.flatten().to_numpy(zero_copy_only=False)
+            lengths = pa.compute.list_value_length(column).to_numpy(zero_copy_only=False).astype(np.int64)
+            for block in packer.add(flat, lengths):
+                writer.write_table(blocks_to_arrow(block))
+                blocks += len(block["input_ids"])
+            bar.update(len(table))
+        for block in packer.finish():
+            writer.write_table(blocks_to_arrow(block))
+            blocks += 1
+        writer.finalize()
+    tmp.replace(path)
+    meta = {"blocks": blocks, "padded_tokens": packer.padded_tokens, "dropped_tokens": packer.dropped_tokens}
+    meta_path.write_text(json.dumps(meta))
+    return datasets.Dataset.from_file(str(path)), {**meta, "cache": "computed"}
+
+
+def block_bytes(doc_tokens: np.ndarray, doc_bytes: np.ndarray, block_size: int, blocks: int) -> np.ndarray:
+    """UTF-8 bytes of each block of documents packed in this order: a document's bytes are spread evenly
+    over its tokens (EOS included), so a block holding whole documents gets exactly their bytes and the
+    blocks of one document sum to its bytes."""
+    cum_tokens = np.concatenate([[0], np.cumsum(doc_tokens)])
+    cum_bytes = np.concatenate([[0], np.cumsum(doc_bytes)]).astype(np.float64)
+    bounds = np.minimum(np.arange(blocks + 1) * block_size, cum_tokens[-1])
+    return np.diff(np.interp(bounds, cum_tokens, cum_bytes))
+
+
+def pack_validation(tokenized: datasets.Dataset, rows: np.ndarray, sources: np.ndarray, num_tokens: np.ndarray,
+                     num_bytes: np.ndarray, args: DataArguments, pad_id: int, cache_dir: Path):
+    """Validation blocks packed per source, so each block holds one source's documents, with columns
+    `source` and `num_bytes`: evaluation can sample every source and compute bits per byte from exactly
+    the blocks it evaluated (the split's average bytes per token is wrong for a subset of a mixture)."""
+    parts, per_source = [], {}
+    total = {"blocks": 0, "padded_tokens": 0, "dropped_tokens": 0, "cache": "reused"}
+    for name in dict.fromkeys(sources[rows]):  # sources in order of first appearance
+        chosen = rows[sources[rows] == name]
+        packed, info = pack_documents(tokenized, chosen, args.block_size, pad_id, args.drop_remainder, cache_dir,
+                             args.overwrite_cache, desc=f"packing validation ({name})")
+        for key in ("blocks", "padded_tokens", "dropped_tokens"):
+            total[key] += info[key]
+        if info["cache"] == "computed":
+            total["cache"] = "computed"
+        tokens = int(num_tokens[chosen].sum())
+        per_source[name] = {"blocks": info["blocks"], "tokens": tokens,
+                            "bytes_per_token": float(num_bytes[chosen].sum() / max(1, tokens))}
+        if info["blocks"]:
+            sizes = block_bytes(num_tokens[chosen], num_bytes[chosen], args.block_size, info["blocks"])
+            parts.append(packed.add_column("source", [name] * info["blocks"])
+                         .add_column("num_bytes", sizes.tolist()))
+    if not parts:
+        return packed, total, per_source  # no block at all: the caller reports an empty validation split
+    return datasets.concatenate_datasets(parts), total, per_source

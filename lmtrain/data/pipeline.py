@@ -8,7 +8,6 @@ disk, so corpora larger than RAM only cost disk.
 from __future__ import annotations
 
 import hashlib
-import itertools
 import json
 import logging
 import os
@@ -19,20 +18,19 @@ from pathlib import Path
 
 import datasets
 import numpy as np
-import pyarrow as pa
-from datasets.arrow_writer import ArrowWriter
 from tqdm.auto import tqdm
 
 from lmtrain.arguments import DataArguments
 from lmtrain.data.cleaning import CleaningConfig, clean_batch, cleaning_config, exact_duplicates, near_duplicates
-from lmtrain.data.packing import BLOCK_COLUMNS, BlockPacker, blocks_to_arrow
+from lmtrain.data.mixture import empty_sources, mixture_selection
+from lmtrain.data.packing import pack_documents, pack_validation
 from lmtrain.data.sources import (DataError, ReadStats, SourceSpec, read_file, read_hub_dataset,
                                   resolve_source_files)
+from lmtrain.data.tokenize import tokenize_table, tokenizer_fingerprint
 
 logger = logging.getLogger(__name__)
 READ_FEATURES = datasets.Features({"text": datasets.Value("string"), "source": datasets.Value("string"),
                                    "drop": datasets.Value("string")})
-BLOCK_FEATURES = datasets.Features.from_arrow_schema(pa.schema({name: pa.list_(pa.int32()) for name in BLOCK_COLUMNS}))
 
 
 @dataclass
@@ -158,193 +156,12 @@ def read_files(files: list[str], source: str, args: DataArguments, cache_dir: st
     )
 
 
-# Memory per step is bounded in characters / tokens, not documents, so book-length documents cannot blow it
-# up (measured in docs/PERFORMANCE.md: 5.8 GB -> 1.3 GB peak on 430 KB documents).
-ENCODE_CHARS = 8_000_000  # ~2M tokens of Rust Encodings and Python id lists alive at once
-PACK_TOKENS = 4_000_000   # ~250 MB of packer arrays at once
-
-
-def _slices_by_chars(char_counts: np.ndarray, limit: int):
-    """(start, stop) row ranges of at most `limit` characters each (a longer document goes alone)."""
-    start, total = 0, 0
-    for row, count in enumerate(char_counts):
-        if row > start and total + count > limit:
-            yield start, row
-            start, total = row, 0
-        total += int(count)
-    if start < len(char_counts):
-        yield start, len(char_counts)
-
-
-def tokenize_table(table: pa.Table, tokenizer) -> pa.Table:
-    """Arrow batch -> per-document `input_ids` (ending in EOS), `num_tokens`, `num_bytes`, `num_chars`, `source`.
-
-    Calls the Rust tokenizer directly on slices of the batch (parallel inside) and builds Arrow arrays from
-    flat NumPy buffers: this keeps the step close to raw `tokenizers` speed (docs/PERFORMANCE.md).
-    """
-    text = table.column("text").combine_chunks()
-    num_chars = pa.compute.utf8_length(text).cast(pa.int64())
-    backend = tokenizer.backend_tokenizer
-    encode = getattr(backend, "encode_batch_fast", backend.encode_batch)
-    eos = tokenizer.eos_token_id
-    flats, lengths = [], []
-    # Special-token strings inside a document ("<|endoftext|>" in a web page about LLMs) are plain text:
-    # encoded as special tokens they would put an EOS, or a chat marker, in the middle of a document.
-    previous, backend.encode_special_tokens = backend.encode_special_tokens, True
-    try:
-        for start, stop in _slices_by_chars(num_chars.to_numpy(zero_copy_only=False), ENCODE_CHARS):
-            ids = [encoding.ids for encoding in encode(text.slice(start, stop - start).to_pylist(),
-                                                       add_special_tokens=True)]
-            for doc in ids:
-                if not doc or doc[-1] != eos:
-                    doc.append(eos)
-            counts = [len(doc) for doc in ids]
-            lengths.extend(counts)
-            flats.append(np.fromiter(itertools.chain.from_iterable(ids), dtype=np.int32, count=sum(counts)))
-            del ids  # free this slice's Python int lists before encoding the next
-    finally:
-        backend.encode_special_tokens = previous
-    lengths = np.asarray(lengths, dtype=np.int64)
-    offsets = np.concatenate([[0], np.cumsum(lengths)]).astype(np.int32)
-    flat = np.concatenate(flats) if flats else np.zeros(0, np.int32)
-    return pa.table({
-        "input_ids": pa.ListArray.from_arrays(pa.array(offsets), pa.array(flat)),
-        "num_tokens": pa.array(lengths),
-        "num_bytes": pa.compute.binary_length(text.cast(pa.binary())).cast(pa.int64()),
-        "num_chars": num_chars,
-        "source": table.column("source"),
-    })
-
-
-def tokenizer_fingerprint(tokenizer) -> dict:
-    """What makes prepared ids mean the same text to another tokenizer: the whole vocabulary (added and
-    special tokens included), the end-of-text id, and the ids the pipeline gives a probe text (which catches
-    a different normalizer or split rule over the same vocabulary). Saved in report.json."""
-    from lmtrain.tokenizer import RELOAD_PROBE
-
-    vocabulary = json.dumps(sorted(tokenizer.get_vocab().items()), ensure_ascii=False).encode()
-    probe = RELOAD_PROBE + " " + (tokenizer.eos_token or "")
-    probe_ids = tokenize_table(pa.table({"text": [probe], "source": ["probe"]}), tokenizer)["input_ids"][0].as_py()
-    name = tokenizer.name_or_path
-    return {"name_or_path": os.path.abspath(name) if name and os.path.isdir(name) else name,
-            "vocab_size": len(tokenizer), "vocab_sha256": hashlib.sha256(vocabulary).hexdigest(),
-            "eos_token_id": tokenizer.eos_token_id, "probe_ids": probe_ids}
-
-
 def _reused(dataset: datasets.Dataset, started: float) -> str:
     """'reused' when the step's output came from the datasets cache rather than being computed now."""
     files = dataset.cache_files
     if files and all(os.path.getmtime(f["filename"]) < started for f in files):
         return "reused"
     return "computed"
-
-
-def _pack(tokenized: datasets.Dataset, indices: np.ndarray, block_size: int, pad_id: int, drop_remainder: bool,
-          cache_dir: Path, overwrite: bool, desc: str) -> tuple[datasets.Dataset, dict]:
-    """Pack the selected documents, in order, into blocks written straight to an Arrow file (cached)."""
-    key = hashlib.sha256(json.dumps([tokenized._fingerprint, block_size, pad_id, drop_remainder]).encode()
-                         + indices.tobytes()).hexdigest()[:24]
-    path = cache_dir / f"packed-{key}.arrow"
-    meta_path = path.with_suffix(".json")
-    if path.exists() and meta_path.exists() and not overwrite:
-        return datasets.Dataset.from_file(str(path)), {**json.loads(meta_path.read_text()), "cache": "reused"}
-    packer = BlockPacker(block_size, pad_id, drop_remainder)
-    tmp = path.with_suffix(".tmp")
-    selected = tokenized.select(indices).with_format("arrow")
-    mean_tokens = pa.compute.mean(selected["num_tokens"]).as_py() or 1
-    batch_docs = int(min(4096, max(1, PACK_TOKENS // mean_tokens)))
-    blocks = 0
-    # Explicit features: a split too small for one block (drop_remainder) still writes a valid, empty file.
-    with ArrowWriter(path=str(tmp), features=BLOCK_FEATURES) as writer, \
-            tqdm(total=len(indices), desc=desc, unit="doc") as bar:
-        for table in selected.iter(batch_size=batch_docs):
-            column = table.column("input_ids").combine_chunks()
-            # flatten() honours slicing (`.values` would return the whole underlying buffer)
-            flat = column.flatten().to_numpy(zero_copy_only=False)
-            lengths = pa.compute.list_value_length(column).to_numpy(zero_copy_only=False).astype(np.int64)
-            for block in packer.add(flat, lengths):
-                writer.write_table(blocks_to_arrow(block))
-                blocks += len(block["input_ids"])
-            bar.update(len(table))
-        for block in packer.finish():
-            writer.write_table(blocks_to_arrow(block))
-            blocks += 1
-        writer.finalize()
-    tmp.replace(path)
-    meta = {"blocks": blocks, "padded_tokens": packer.padded_tokens, "dropped_tokens": packer.dropped_tokens}
-    meta_path.write_text(json.dumps(meta))
-    return datasets.Dataset.from_file(str(path)), {**meta, "cache": "computed"}
-
-
-def block_bytes(doc_tokens: np.ndarray, doc_bytes: np.ndarray, block_size: int, blocks: int) -> np.ndarray:
-    """UTF-8 bytes of each block of documents packed in this order: a document's bytes are spread evenly
-    over its tokens (EOS included), so a block holding whole documents gets exactly their bytes and the
-    blocks of one document sum to its bytes."""
-    cum_tokens = np.concatenate([[0], np.cumsum(doc_tokens)])
-    cum_bytes = np.concatenate([[0], np.cumsum(doc_bytes)]).astype(np.float64)
-    bounds = np.minimum(np.arange(blocks + 1) * block_size, cum_tokens[-1])
-    return np.diff(np.interp(bounds, cum_tokens, cum_bytes))
-
-
-def _pack_validation(tokenized: datasets.Dataset, rows: np.ndarray, sources: np.ndarray, num_tokens: np.ndarray,
-                     num_bytes: np.ndarray, args: DataArguments, pad_id: int, cache_dir: Path):
-    """Validation blocks packed per source, so each block holds one source's documents, with columns
-    `source` and `num_bytes`: evaluation can sample every source and compute bits per byte from exactly
-    the blocks it evaluated (the split's average bytes per token is wrong for a subset of a mixture)."""
-    parts, per_source = [], {}
-    total = {"blocks": 0, "padded_tokens": 0, "dropped_tokens": 0, "cache": "reused"}
-    for name in dict.fromkeys(sources[rows]):  # sources in order of first appearance
-        chosen = rows[sources[rows] == name]
-        packed, info = _pack(tokenized, chosen, args.block_size, pad_id, args.drop_remainder, cache_dir,
-                             args.overwrite_cache, desc=f"packing validation ({name})")
-        for key in ("blocks", "padded_tokens", "dropped_tokens"):
-            total[key] += info[key]
-        if info["cache"] == "computed":
-            total["cache"] = "computed"
-        tokens = int(num_tokens[chosen].sum())
-        per_source[name] = {"blocks": info["blocks"], "tokens": tokens,
-                            "bytes_per_token": float(num_bytes[chosen].sum() / max(1, tokens))}
-        if info["blocks"]:
-            sizes = block_bytes(num_tokens[chosen], num_bytes[chosen], args.block_size, info["blocks"])
-            parts.append(packed.add_column("source", [name] * info["blocks"])
-                         .add_column("num_bytes", sizes.tolist()))
-    if not parts:
-        return packed, total, per_source  # no block at all: the caller reports an empty validation split
-    return datasets.concatenate_datasets(parts), total, per_source
-
-
-def mixture_selection(sources: np.ndarray, num_tokens: np.ndarray, candidates: np.ndarray,
-                      weights: dict[str, float], total_tokens: int, rng: np.random.Generator):
-    """Document indices whose token counts meet each source's weight share of `total_tokens`.
-
-    A source with too few tokens is repeated (whole passes, then a random subset); one with too many is
-    subsampled. Returns the selected indices (shuffled together when there are several sources) and, per
-    source, the tokens it holds and the tokens selected.
-    """
-    weight_sum = sum(weights.values())
-    selected, per_source = [], {}
-    for name, weight in weights.items():
-        rows = candidates[sources[candidates] == name]
-        held = int(num_tokens[rows].sum())
-        target = total_tokens * weight / weight_sum
-        if held == 0:
-            raise DataError(f"source '{name}' has no documents left after cleaning and splitting")
-        passes = int(target // held)
-        chosen = [rows] * passes
-        order = rng.permutation(rows)
-        cumulative = np.cumsum(num_tokens[order])
-        chosen.append(order[: int(np.searchsorted(cumulative, target - passes * held))])
-        picked = np.concatenate(chosen) if chosen else rows[:0]
-        per_source[name] = {"weight": weight, "target_share": weight / weight_sum, "held_tokens": held,
-                            "train_tokens": int(num_tokens[picked].sum()), "epochs": int(num_tokens[picked].sum()) / held}
-        selected.append(picked)
-    indices = np.concatenate(selected)
-    if len(weights) > 1:
-        indices = rng.permutation(indices)  # interleave sources so every block sees the mixture
-    total = sum(s["train_tokens"] for s in per_source.values()) or 1
-    for info in per_source.values():
-        info["achieved_share"] = info["train_tokens"] / total
-    return indices, per_source
 
 
 def _drop_counts(dataset: datasets.Dataset) -> Counter:
@@ -385,20 +202,6 @@ def _find_duplicates(cleaned: datasets.Dataset, config: CleaningConfig) -> np.nd
 
         drops[near_duplicates(batches(), config, len(cleaned))] = "near_duplicate"
     return drops
-
-
-def _empty_sources(row_sources: np.ndarray, drops: np.ndarray, specs: list[SourceSpec]) -> list[str]:
-    """Sources whose every file is empty. One rule whether the empty file is a source of its own or one file
-    of a directory source: it is skipped and counted as `empty_file`; such a source's weight goes to the
-    others (the mixture has nothing to sample from it). Warned about, and listed in the report."""
-    empty = []
-    for spec in specs:
-        rows = drops[row_sources == spec.name]
-        if len(rows) and (rows == "empty_file").all():
-            logger.warning("source '%s' (%s): every file is empty; skipped, its weight %g goes to the other "
-                           "sources", spec.name, spec.location, spec.weight)
-            empty.append(spec.name)
-    return empty
 
 
 def prepare_pretrain_data(args: DataArguments, tokenizer, cache_dir: str | None = None):
@@ -445,7 +248,7 @@ def prepare_pretrain_data(args: DataArguments, tokenizer, cache_dir: str | None 
     report.seconds["clean_dedup"] = round(clock() - t0, 2)
     report.dropped = dict(Counter(d for d in drops if d))
     report.documents_read = int(sum(1 for d in drops if d not in ("empty_file",)))
-    empty = _empty_sources(np.array(raw.with_format("arrow")["source"].to_pylist(), dtype=object), drops, specs)
+    empty = empty_sources(np.array(raw.with_format("arrow")["source"].to_pylist(), dtype=object), drops, specs)
 
     kept = np.flatnonzero(drops == "")
     if len(kept) == 0:
@@ -496,10 +299,10 @@ def prepare_pretrain_data(args: DataArguments, tokenizer, cache_dir: str | None 
         if len(indices) == 0:
             continue
         if split == "train":
-            packed, info = _pack(tokenized, indices, args.block_size, pad_id, args.drop_remainder, cache_root,
+            packed, info = pack_documents(tokenized, indices, args.block_size, pad_id, args.drop_remainder, cache_root,
                                  args.overwrite_cache, desc=f"packing {split}")
         else:
-            packed, info, report.validation_sources = _pack_validation(
+            packed, info, report.validation_sources = pack_validation(
                 tokenized, indices, sources, num_tokens, num_bytes, args, pad_id, cache_root)
         if info["blocks"] or split == "train":  # an empty validation split would only break evaluation
             splits[split] = packed
@@ -518,26 +321,3 @@ def prepare_pretrain_data(args: DataArguments, tokenizer, cache_dir: str | None 
         raise DataError(f"the training split holds no block of {args.block_size} tokens "
                         f"({report.tokens.get('train', 0)} tokens); lower --block_size or add data")
     return datasets.DatasetDict(splits), report
-
-
-def save_prepared(dataset: datasets.DatasetDict, report: PreparationReport, output_dir: str, tokenizer):
-    """The prepared directory: the DatasetDict, report.json, the tokenizer it was made with, and
-    validation.jsonl (the held-out documents' text; removed when there are none, so a re-prepared
-    directory never keeps an old one)."""
-    dataset.save_to_disk(output_dir)
-    with open(os.path.join(output_dir, "report.json"), "w", encoding="utf-8") as handle:
-        json.dump(report.to_dict(), handle, indent=2)
-    held_out = report._validation_documents
-    held_out_path = os.path.join(output_dir, "validation.jsonl")
-    if held_out is not None and len(held_out):
-        held_out.select_columns(["text", "source"]).to_json(held_out_path, force_ascii=False)
-    elif os.path.exists(held_out_path):
-        os.remove(held_out_path)
-    tokenizer.save_pretrained(os.path.join(output_dir, "tokenizer"))
-
-
-def load_prepared(path: str) -> datasets.DatasetDict:
-    if not os.path.exists(os.path.join(path, "dataset_dict.json")):
-        raise DataError(f"'{path}' is not a prepared dataset directory (no dataset_dict.json); "
-                        "create one with data_prep/prepare_pretrain.py")
-    return datasets.load_from_disk(path)

@@ -24,7 +24,9 @@ import pyarrow.compute as pc
 from datasets.arrow_writer import ArrowWriter
 
 from lmtrain.data.chat_render import RecordProblem, mask_from_offsets, render_text
-from lmtrain.data.pipeline import BLOCK_FEATURES, _percentiles, _reused, _stamp, tokenizer_fingerprint
+from lmtrain.data.packing import BLOCK_FEATURES
+from lmtrain.data.pipeline import _percentiles, _reused, _stamp
+from lmtrain.data.tokenize import tokenizer_fingerprint
 from lmtrain.data.packing import IGNORE_INDEX
 from lmtrain.data.sft import encode_conversation, record_to_messages
 from lmtrain.data.sft_rows import pack_bins, write_rows

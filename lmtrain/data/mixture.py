@@ -1,0 +1,60 @@
+"""Mixtures: which documents of each source the training split takes so that each source gets its weight
+share of the tokens (repeated or subsampled), and the sources that have nothing to give."""
+from __future__ import annotations
+
+import logging
+
+import numpy as np
+
+from lmtrain.data.sources import DataError, SourceSpec
+
+logger = logging.getLogger(__name__)
+
+
+
+def mixture_selection(sources: np.ndarray, num_tokens: np.ndarray, candidates: np.ndarray,
+                      weights: dict[str, float], total_tokens: int, rng: np.random.Generator):
+    """Document indices whose token counts meet each source's weight share of `total_tokens`.
+
+    A source with too few tokens is repeated (whole passes, then a random subset); one with too many is
+    subsampled. Returns the selected indices (shuffled together when there are several sources) and, per
+    source, the tokens it holds and the tokens selected.
+    """
+    weight_sum = sum(weights.values())
+    selected, per_source = [], {}
+    for name, weight in weights.items():
+        rows = candidates[sources[candidates] == name]
+        held = int(num_tokens[rows].sum())
+        target = total_tokens * weight / weight_sum
+        if held == 0:
+            raise DataError(f"source '{name}' has no documents left after cleaning and splitting")
+        passes = int(target // held)
+        chosen = [rows] * passes
+        order = rng.permutation(rows)
+        cumulative = np.cumsum(num_tokens[order])
+        chosen.append(order[: int(np.searchsorted(cumulative, target - passes * held))])
+        picked = np.concatenate(chosen) if chosen else rows[:0]
+        per_source[name] = {"weight": weight, "target_share": weight / weight_sum, "held_tokens": held,
+                            "train_tokens": int(num_tokens[picked].sum()), "epochs": int(num_tokens[picked].sum()) / held}
+        selected.append(picked)
+    indices = np.concatenate(selected)
+    if len(weights) > 1:
+        indices = rng.permutation(indices)  # interleave sources so every block sees the mixture
+    total = sum(s["train_tokens"] for s in per_source.values()) or 1
+    for info in per_source.values():
+        info["achieved_share"] = info["train_tokens"] / total
+    return indices, per_source
+
+
+def empty_sources(row_sources: np.ndarray, drops: np.ndarray, specs: list[SourceSpec]) -> list[str]:
+    """Sources whose every file is empty. One rule whether the empty file is a source of its own or one file
+    of a directory source: it is skipped and counted as `empty_file`; such a source's weight goes to the
+    others (the mixture has nothing to sample from it). Warned about, and listed in the report."""
+    empty = []
+    for spec in specs:
+        rows = drops[row_sources == spec.name]
+        if len(rows) and (rows == "empty_file").all():
+            logger.warning("source '%s' (%s): every file is empty; skipped, its weight %g goes to the other "
+                           "sources", spec.name, spec.location, spec.weight)
+            empty.append(spec.name)
+    return empty
