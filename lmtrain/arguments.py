@@ -163,10 +163,11 @@ class TrainArguments(TrainingArguments):
         if evaluating and self.metric_for_best_model is None:
             # Tracks the best checkpoint, which checkpoint rotation (save_total_limit) then never deletes.
             self.metric_for_best_model, self.greater_is_better = "eval_loss", False
-        from lmtrain.distributed import default_single_process_environment, needs_cpu_data_parallel
-        default_single_process_environment(self.deepspeed)  # both before the distributed state is set up
-        if needs_cpu_data_parallel(self.use_cpu, self.deepspeed):
-            self.use_cpu = True  # torchrun on a CPU-only machine: data parallel over gloo (see lmtrain/distributed.py)
+        from lmtrain.distributed import cpu_data_parallel, default_single_process_environment, init_cpu_process_group
+        default_single_process_environment(self.deepspeed)  # all before the distributed state is set up
+        if cpu_data_parallel(self.use_cpu, self.deepspeed):  # torchrun without GPUs: gloo data parallel
+            self.use_cpu = True
+            init_cpu_process_group(self.ddp_timeout)
         super().__post_init__()
 
 

@@ -55,27 +55,36 @@ def cpu_only_machine() -> bool:
         and not torch.backends.mps.is_available()
 
 
-def needs_cpu_data_parallel(use_cpu: bool, deepspeed) -> bool:
-    """True when several launched processes have no GPU and --use_cpu was not given.
+def cpu_data_parallel(use_cpu: bool, deepspeed) -> bool:
+    """True when several launched processes train on CPUs (no GPU here, or --use_cpu): then use_cpu must be
+    set and the gloo process group made here (init_cpu_process_group), before TrainingArguments.
 
     Without --use_cpu, accelerate only counts a launched world as distributed when it finds a GPU backend
     (accelerate/state.py _prepare_backend): on a CPU-only machine every rank then trained alone on the full
     data, the process group was still initialized (transformers warns "parallel_mode !=
     ParallelMode.DISTRIBUTED") and the logged loss was the ranks' losses summed (12.5 for 6.2). use_cpu makes
     it MULTI_CPU (gloo), i.e. DistributedDataParallel with a distributed sampler: N processes of batch B
-    train exactly like one process of batch N*B.
+    train like one process of batch N*B.
 
-    DeepSpeed on CPUs runs in one process only (its CPU accelerator has no working multi-process engine
-    here): several launched processes with --deepspeed and no GPU are refused (ValueError: a UserError
-    through parse_arguments) rather than left to hang or fail deep inside DeepSpeed."""
-    if launched_world_size() <= 1 or not cpu_only_machine():
+    DeepSpeed on CPUs is supported in one process only (README): several launched processes with
+    --deepspeed and no GPU are refused (ValueError: a UserError through parse_arguments)."""
+    if launched_world_size() <= 1 or not (use_cpu or cpu_only_machine()):
         return False
     if deepspeed:
-        raise ValueError(f"--deepspeed with {launched_world_size()} processes on a machine without a GPU: DeepSpeed "
-                         "runs on CPUs in one process only. Run `python pretrain.py --deepspeed ...` (one process), "
-                         "or drop --deepspeed for CPU data parallel (`torchrun --nproc_per_node N ... "
-                         "--ddp_backend gloo`)")
-    return not use_cpu
+        raise ValueError(f"--deepspeed with {launched_world_size()} processes on CPUs: lmtrain runs DeepSpeed on "
+                         "CPUs in one process only. Run `python pretrain.py --deepspeed ...` (one process), or "
+                         "drop --deepspeed for CPU data parallel (`torchrun --nproc_per_node N pretrain.py ...`)")
+    return True
+
+
+def init_cpu_process_group(timeout_seconds: int):
+    """The gloo process group of a CPU data-parallel job, with --ddp_timeout as its timeout: accelerate's
+    CPU path creates it with torch's 30-minute default, ignoring --ddp_timeout (it passes the timeout on the
+    GPU and DeepSpeed paths only). Rendezvous through the launcher's MASTER_ADDR/MASTER_PORT/RANK/WORLD_SIZE."""
+    import torch.distributed as dist
+
+    if not dist.is_initialized():
+        dist.init_process_group("gloo", timeout=timedelta(seconds=timeout_seconds))
 
 
 @contextmanager

@@ -138,3 +138,16 @@ def test_sigterm_to_the_launcher_makes_every_rank_save_the_same_step(setup, tmp_
     assert (checkpoints[0] / "rng_state_0.pth").exists() and (checkpoints[0] / "rng_state_1.pth").exists()
     marker = json.loads((checkpoints[0] / "lmtrain_checkpoint.json").read_text())
     assert marker.get("step") == step and marker.get("world_size") == 2, marker
+
+
+def test_deepspeed_with_several_processes_on_cpus_is_refused_in_one_message(setup, tmp_path, monkeypatch):
+    """What torchrun/deepspeed would set for rank 0 of two; refused while parsing, before any heavy work."""
+    import pretrain
+    from lmtrain.errors import UserError
+
+    root, args = setup
+    for name, value in {"WORLD_SIZE": "2", "RANK": "0", "LOCAL_RANK": "0", "MASTER_ADDR": "127.0.0.1",
+                        "MASTER_PORT": "29999"}.items():
+        monkeypatch.setenv(name, value)
+    with pytest.raises(UserError, match="--deepspeed with 2 processes on CPUs.*one process only"):
+        pretrain.main(args(tmp_path / "out", "--deepspeed", str(REPO / "ds_configs" / "zero2.json")))

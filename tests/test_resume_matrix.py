@@ -76,9 +76,10 @@ def run_args(inputs, stage: str, deepspeed: str | None, out: Path) -> list[str]:
             "--train_files", str(chats), "--max_length", "48", "--validation_split_percentage", "0", *common]
 
 
-def train(inputs, stage: str, deepspeed: str | None, out: Path, log: Path, *extra: str, kill_at=None) -> int:
+def train(inputs, stage: str, deepspeed: str | None, out: Path, log: Path, *extra: str, kill_at=None,
+          wait: bool = True):
     """One run; in process without DeepSpeed (unless it must be killed), else in a subprocess. Returns the
-    exit status (-9 for a killed process)."""
+    exit status (-9 for a killed process), or with wait=False the running subprocess."""
     argv = run_args(inputs, stage, deepspeed, out) + list(extra)
     if deepspeed is None and kill_at is None:
         from lmtrain.cli.pretrain import main as pretrain_main
@@ -91,10 +92,17 @@ def train(inputs, stage: str, deepspeed: str | None, out: Path, log: Path, *extr
             uninstall()
         return 0
     kill = "-" if kill_at is None else f"{kill_at[0]}:{kill_at[1]}"
-    done = subprocess.run([sys.executable, str(PROBE), stage, str(log), kill, *argv], cwd=REPO,
-                          capture_output=True, text=True, timeout=600)
-    assert done.returncode in (0, -9), done.stderr[-3000:]
-    return done.returncode
+    with open(f"{log}.stderr", "a") as stderr:  # a file, not a pipe: nobody reads it while the run goes on
+        process = subprocess.Popen([sys.executable, str(PROBE), stage, str(log), kill, *argv], cwd=REPO,
+                                   stdout=subprocess.DEVNULL, stderr=stderr)
+    process.stderr_path = f"{log}.stderr"
+    return process if not wait else finished(process)
+
+
+def finished(process: subprocess.Popen) -> int:
+    process.wait(timeout=600)
+    assert process.returncode in (0, -9), Path(process.stderr_path).read_text()[-3000:]
+    return process.returncode
 
 
 def curve(out: Path) -> dict[int, tuple]:
@@ -107,14 +115,22 @@ _references: dict[tuple, tuple] = {}
 
 @pytest.fixture(scope="module")
 def reference(inputs, tmp_path_factory):
-    """reference(stage, deepspeed) -> (curve, samples) of the uninterrupted run, made once per module."""
-    def get(stage: str, deepspeed: str | None):
+    """reference(stage, deepspeed) -> (curve, samples) of the uninterrupted run, made once per module.
+    reference(stage, deepspeed, start=True) only starts it: a DeepSpeed reference then runs in its
+    subprocess while the test makes the interrupted run (DeepSpeed runs are mostly start-up time)."""
+    def get(stage: str, deepspeed: str | None, start: bool = False):
         key = (stage, deepspeed)
         if key not in _references:
             out = tmp_path_factory.mktemp(f"reference-{stage}-{deepspeed or 'none'}")
-            train(inputs, stage, deepspeed, out / "run", out / "samples.jsonl")
-            _references[key] = (curve(out / "run"), resume_probe.read_log(out / "samples.jsonl"))
-        return _references[key]
+            _references[key] = (out, train(inputs, stage, deepspeed, out / "run", out / "samples.jsonl",
+                                           wait=deepspeed is None))
+        out, state = _references[key]
+        if start:
+            return None
+        if isinstance(state, subprocess.Popen):
+            finished(state)
+            _references[key] = (out, 0)
+        return curve(out / "run"), resume_probe.read_log(out / "samples.jsonl")
 
     yield get
     _references.clear()
@@ -133,8 +149,7 @@ CELLS = [cell(stage, ds, stop, (stage, ds, stop) in DEFAULT_CELLS)
 
 @pytest.mark.parametrize("stage,ds,stop", CELLS)
 def test_resumed_run_equals_the_uninterrupted_run(inputs, reference, tmp_path, stage, ds, stop):
-    expected_curve, expected_samples = reference(stage, DEEPSPEED[ds])
-    assert sorted(expected_curve) == list(range(1, STEPS + 1))
+    reference(stage, DEEPSPEED[ds], start=True)
     out, log = tmp_path / "run", tmp_path / "samples.jsonl"
     kind, value = STOPS[stop]
     resumed_at = []  # the step each resumed run starts after
@@ -152,6 +167,8 @@ def test_resumed_run_equals_the_uninterrupted_run(inputs, reference, tmp_path, s
     if stop == "twice":
         assert len(resumed_at) >= 2
 
+    expected_curve, expected_samples = reference(stage, DEEPSPEED[ds])
+    assert sorted(expected_curve) == list(range(1, STEPS + 1))
     got_curve, got_samples = curve(out), resume_probe.read_log(log)
     for step in range(1, STEPS + 1):
         assert got_curve[step] == expected_curve[step], (
