@@ -22,7 +22,6 @@ from pathlib import Path
 import psutil
 
 REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
 
 WORDS = ("the a king queen is was long live what how many two three five answer briefly please explain why "
          "because water fire earth air light dark day night city river road house tree stone one four six").split()
