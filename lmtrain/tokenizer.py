@@ -112,17 +112,22 @@ def split_text(text: str, max_chars: int = SAMPLE_PIECE_CHARS) -> Iterator[str]:
         yield text[start:]
 
 
-def sample_pieces(texts: Iterable[str], max_chars: int, rng) -> tuple[list[str], dict]:
+def sample_pieces(texts: Iterable[str], max_chars: int, rng, scan_chars: int = 0) -> tuple[list[str], dict]:
     """A uniform random subset of a source's pieces (`split_text`) holding exactly `max_chars` characters
     (all of them when the source is smaller; 0: all), in source order, and what was seen and taken.
 
     One streaming pass: each piece gets a random key and the pieces with the smallest keys are kept, just
-    enough to reach `max_chars` (the last one is cut). Memory holds the sample, never the whole source."""
+    enough to reach `max_chars` (the last one is cut). Memory holds the sample, never the whole source.
+    `scan_chars` (0: no limit) stops reading after that many characters: the sample is then uniform over
+    the source's first `scan_chars` characters, so a multi-terabyte source is not read to its end to
+    train a tokenizer on a few hundred megabytes."""
     import heapq
 
     heap: list = []  # (-key, position, piece): heap[0] is the kept piece with the largest key
     kept_chars = seen_chars = seen_pieces = documents = 0
     for text in texts:
+        if scan_chars and seen_chars >= scan_chars:
+            break
         documents += 1
         for piece in split_text(text):
             seen_pieces += 1
@@ -143,24 +148,26 @@ def sample_pieces(texts: Iterable[str], max_chars: int, rng) -> tuple[list[str],
                     "pieces_sampled": len(pieces), "chars_sampled": kept_chars}
 
 
-def sample_sources(sources: list, max_chars: int, seed: int = 1234) -> tuple[list[str], dict]:
+def sample_sources(sources: list, max_chars: int, seed: int = 1234, scan_factor: float = 0) -> tuple[list[str], dict]:
     """Texts to train a tokenizer on, from several sources: each source gets its weight share of `max_chars`
     (0: everything), sampled across all its documents (`sample_pieces`). `sources` holds (name, weight,
     iterable of texts). Returns the texts and a report: per source its share, target and what was sampled.
 
+    With `scan_factor` > 0 each source is read only up to `scan_factor` times its share (`sample_pieces`).
     A source smaller than its share gives all it has; the other sources keep their shares (the sample is
     then smaller than `max_chars`, and a warning says so), so the weights still hold between them."""
     import random
     import zlib
 
     weight_sum = sum(weight for _, weight, _ in sources)
-    texts, report = [], {"sample_chars": max_chars, "seed": seed, "sources": {}}
+    texts, report = [], {"sample_chars": max_chars, "seed": seed, "scan_factor": scan_factor, "sources": {}}
     for name, weight, source_texts in sources:
         target = int(max_chars * weight / weight_sum) if max_chars else 0
         if max_chars and target == 0:
             target = 1
         rng = random.Random(seed * 1_000_003 + zlib.crc32(name.encode("utf-8")))  # per-source, order-free
-        pieces, stats = sample_pieces(source_texts, target, rng)
+        scan = int(target * scan_factor) if target and scan_factor else 0
+        pieces, stats = sample_pieces(source_texts, target, rng, scan)
         texts.extend(pieces)
         report["sources"][name] = {"weight": weight, "share": weight / weight_sum, "target_chars": target, **stats}
         logger.info("tokenizer sample from %s: %d chars in %d pieces (target %s; the source holds %d chars in "

@@ -120,3 +120,25 @@ def test_the_limit_holds_for_a_txt_file(tmp_path, txt_unit):
     seen = sum(map(len, paragraphs)) if txt_unit == "paragraph" else len(path.read_text(encoding="utf-8"))
     assert info["chars_sampled"] == 30_000 and info["chars_seen"] == seen
     assert info["pieces_sampled"] > 1
+
+
+def test_scan_factor_stops_reading_a_source_after_that_many_times_its_share():
+    """A huge source is not read to its end: with --sample_scan_factor F, reading stops once F x its share
+    has been seen, and the sample still holds exactly the share, drawn across what was read."""
+    read = []
+
+    def source(count):
+        for index, text in enumerate(english_documents(count)):
+            read.append(index)
+            yield text
+
+    documents = english_documents(400)
+    share = sum(map(len, documents[:10]))
+    texts, report = sample_sources([("web", 1.0, source(400))], share, seed=3, scan_factor=4)
+    seen = report["sources"]["web"]["chars_seen"]
+    assert sum(map(len, texts)) == share
+    assert 4 * share <= seen < 4 * share + max(map(len, documents)) + 1
+    assert len(read) < 400  # stopped early
+    assert len(read) >= 35  # but saw far more documents than the share holds (10)
+    everything, full = sample_sources([("web", 1.0, source(400))], share, seed=3, scan_factor=0)
+    assert full["sources"]["web"]["documents_seen"] == 400

@@ -40,12 +40,17 @@ class TokenizerArguments:
     txt_unit: str = field(default="paragraph", metadata={
         "help": "Sampling unit of .txt/.md files: paragraph, line or file (long units are cut into pieces)."})
     seed: int = field(default=1234, metadata={"help": "Seed of the sampling."})
+    sample_scan_factor: float = field(default=10.0, metadata={
+        "help": "Read each source only up to this many times its share of --sample_chars, and sample from "
+                "that (0: read every source to its end, a uniform sample of the whole source)."})
 
     def __post_init__(self):
         if self.txt_unit not in ("file", "line", "paragraph"):
             raise ValueError("--txt_unit must be file, line or paragraph")
         if self.sample_chars < 0:
             raise ValueError("--sample_chars must be >= 0 (0: all)")
+        if self.sample_scan_factor != 0 and self.sample_scan_factor < 1:
+            raise ValueError("--sample_scan_factor must be 0 (read everything) or at least 1")
 
 
 def iter_source_texts(spec: SourceSpec, args: TokenizerArguments):
@@ -67,7 +72,7 @@ def main(argv=None):
     if len({spec.name for spec in specs}) != len(specs):
         raise DataError("--sources: two sources have the same name; name them: NAME=PATH@WEIGHT")
     texts, report = sample_sources([(spec.name, spec.weight, iter_source_texts(spec, args)) for spec in specs],
-                                   args.sample_chars, args.seed)
+                                   args.sample_chars, args.seed, args.sample_scan_factor)
     if not texts:
         raise DataError(f"--sources {' '.join(args.sources)}: no text to train on")
     tokenizer = train_bpe_tokenizer(texts, args.vocab_size, args.min_frequency)
