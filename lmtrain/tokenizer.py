@@ -170,7 +170,7 @@ def sample_sources(sources: list, max_chars: int, seed: int = 1234, scan_factor:
         pieces, stats = sample_pieces(source_texts, target, rng, scan)
         texts.extend(pieces)
         report["sources"][name] = {"weight": weight, "share": weight / weight_sum, "target_chars": target, **stats}
-        logger.info("tokenizer sample from %s: %d chars in %d pieces (target %s; the source holds %d chars in "
+        logger.info("tokenizer sample from %s: %d chars in %d pieces (target %s; read %d chars in "
                     "%d documents)", name, stats["chars_sampled"], stats["pieces_sampled"], target or "all",
                     stats["chars_seen"], stats["documents_seen"])
         if max_chars and stats["chars_seen"] < target:
