@@ -64,7 +64,7 @@ def wait_for(condition, timeout=240):
 
 
 def test_sigterm_saves_at_the_step_boundary_exits_143_and_the_rerun_continues_the_curve(args, tmp_path):
-    plan = ["--max_steps", "40", "--save_steps", "100"]  # no regular save before the signal
+    plan = ["--max_steps", "24", "--save_steps", "100"]  # no regular save before the signal
     straight, _ = pretrain.main(args(tmp_path / "straight", *plan))
     out, log = tmp_path / "preempted", tmp_path / "first.log"
     process = start(args(out, *plan), log)
@@ -76,7 +76,7 @@ def test_sigterm_saves_at_the_step_boundary_exits_143_and_the_rerun_continues_th
     saved = [p for p in out.glob("checkpoint-*")]
     assert len(saved) == 1, "one checkpoint, at the step the signal reached"
     step = int(saved[0].name.split("-")[1])
-    assert 3 <= step < 40 and f"stopped by SIGTERM at step {step} of 40" in text
+    assert 3 <= step < 24 and f"stopped by SIGTERM at step {step} of 24" in text
     assert (saved[0] / "lmtrain_checkpoint.json").exists()
     assert json.loads((saved[0] / "trainer_state.json").read_text())["global_step"] == step
     # Not mistaken for a finished run: no final model, no completion record.
@@ -88,11 +88,11 @@ def test_sigterm_saves_at_the_step_boundary_exits_143_and_the_rerun_continues_th
     assert f"resuming from {saved[0]}" in rerun.stderr
     got = losses(json.loads((out / "trainer_state.json").read_text())["log_history"])
     expected = losses(straight.state.log_history)
-    assert sorted(got) == list(range(1, 41))
+    assert sorted(got) == list(range(1, 25))
     assert all(got[s] == expected[s] for s in expected), "the resumed losses differ from the uninterrupted run"
     assert (out / "lmtrain_complete.json").exists()
     # The stop's extra checkpoint was retired once the final one was complete (planned-stop bookkeeping).
-    assert sorted(p.name for p in out.glob("checkpoint-*")) == ["checkpoint-40"]
+    assert sorted(p.name for p in out.glob("checkpoint-*")) == ["checkpoint-24"]
 
 
 SLOW_SAVE = """
