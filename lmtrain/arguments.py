@@ -108,6 +108,12 @@ class DataArguments:
     def source_specs(self) -> list[str]:
         return self.sources or self.train_files or ["shakespeare"]
 
+    def options_not_recorded(self) -> set[str]:
+        """Left out of lmtrain_config.json: with --dataset_path and no --block_size the prepared blocks decide
+        the length, and a recorded default (1024) fed back would be an explicit --block_size that disagrees."""
+        given = getattr(self, "explicit_options", ())  # set by lmtrain.cli.parsing.parse_arguments
+        return {"block_size"} if self.dataset_path and "block_size" not in given else set()
+
 
 @dataclass
 class TrainArguments(TrainingArguments):
@@ -115,8 +121,9 @@ class TrainArguments(TrainingArguments):
 
     output_dir: str = field(default="outputs/run", metadata={"help": "Checkpoints, logs and the final model."})
     overwrite_output_dir: bool = field(default=False, metadata={
-        "help": "Start fresh: never resume from output_dir's checkpoints; they are deleted (with a log line), "
-                "other files are kept or overwritten. Without it a run resumes from its newest checkpoint."})
+        "help": "Start fresh: never resume from output_dir's checkpoints; they are deleted (with a log line), and "
+                "so is an earlier run's final model, adapter/, results, trainer_state.json and plot (files of "
+                "ours only; others are kept). Without it a run resumes from its newest checkpoint."})
     logging_dir: str | None = field(default=None, metadata={"help": "TensorBoard log directory."})
     min_lr_ratio: float = field(default=0.1, metadata={"help": "Cosine decay ends at learning_rate * this."})
     lr_scheduler_type: str = field(default="cosine_with_min_lr", metadata={"help": "LR schedule after warmup."})
@@ -129,6 +136,10 @@ class TrainArguments(TrainingArguments):
         "help": "Prompts to sample from at every evaluation; the texts go to the log, TensorBoard/SwanLab "
                 "and OUTPUT_DIR/samples.jsonl."})
     sample_max_new_tokens: int = field(default=48, metadata={"help": "Length of those samples."})
+    sample_chat_template: bool = field(default=False, metadata={
+        "help": "Render each sample prompt as a user turn through the tokenizer's chat template (as "
+                "generate.py --chat_template does); false: a raw continuation. Default: false for pretrain.py, "
+                "true for sft.py."})
     early_stopping_patience: int | None = field(default=None, metadata={
         "help": "Stop when the validation loss has not improved for this many evaluations (the best "
                 "checkpoint is kept and loaded at the end)."})
@@ -232,6 +243,22 @@ class LoraArguments:
     merge_lora: bool = field(default=True, metadata={
         "help": "Also save the merged full model to output_dir (the adapter goes to output_dir/adapter)."})
 
+    def check_explicit_options(self):
+        """Called by parse_arguments once it knows which options were given: a LoRA option without --use_lora
+        would otherwise be accepted and ignored without a word (full fine-tuning runs instead)."""
+        given = sorted(set(getattr(self, "explicit_options", ())) - {"use_lora"})
+        if given and not self.use_lora:
+            import logging
+
+            logging.getLogger("lmtrain.arguments").warning(
+                "%s %s no effect without --use_lora: this run fine-tunes all weights. Add --use_lora to train "
+                "LoRA adapters", ", ".join(f"--{name}" for name in given), "has" if len(given) == 1 else "have")
+
+    def options_not_recorded(self) -> set[str]:
+        """Without --use_lora the LoRA options do not apply, so lmtrain_config.json leaves them out (fed back,
+        they would read as given and be warned about)."""
+        return set() if self.use_lora else {f for f in self.__dataclass_fields__ if f != "use_lora"}
+
 
 @dataclass
 class SFTTrainArguments(TrainArguments):
@@ -243,3 +270,7 @@ class SFTTrainArguments(TrainArguments):
     adam_beta2: float = field(default=0.999, metadata={"help": "AdamW beta2."})
     num_train_epochs: float = field(default=3.0, metadata={"help": "Epochs over the SFT data."})
     min_lr_ratio: float = field(default=0.0, metadata={"help": "Cosine decay ends at learning_rate * this."})
+    sample_chat_template: bool = field(default=True, metadata={
+        "help": "Render each --sample_prompts prompt as a user turn through the chat template (as generate.py "
+                "--chat_template does, so the samples are the answers generate.py and evaluate.py give); "
+                "false: a raw continuation."})

@@ -78,6 +78,7 @@ def evaluate_text(model, tokenizer, sources: list[str], text_field: str = "text"
             logger.warning("source '%s': skipped records %s", spec.name, dict(stats.dropped))
         if not documents:
             empty.append(f"'{spec.name}' ({', '.join(files)})")
+        if not documents and len(set(stats.empty_files)) < len(files):  # an empty file: the reader said so
             logger.warning("source '%s' (%s) has no documents with text in field '%s': skipped", spec.name,
                            ", ".join(files), text_field)
     if not groups:

@@ -98,18 +98,25 @@ def encode_prompts(tokenizer, prompts: list[str], chat: bool, device) -> dict:
             "attention_mask": torch.tensor(attention_mask, device=device)}
 
 
-@torch.inference_mode()
+# no_grad rather than inference_mode: the training samples call this between steps, and a tensor made under
+# inference_mode (a buffer a forward pass updates, a ZeRO-3 gathered weight) cannot be used by autograd later.
+@torch.no_grad()
 def generate_texts(model, tokenizer, prompts: list[str], sampling: SamplingArguments, chat: bool = False,
-                   batch_size: int = 8, streamer=None) -> list[str]:
+                   batch_size: int = 8, streamer=None, synced_gpus: bool = False, device=None) -> list[str]:
     """Completions for `prompts`, in the same order. Left padding so every prompt ends where generation
-    starts; generation stops at the end-of-text / end-of-turn tokens (`stop_token_ids`)."""
-    torch.manual_seed(sampling.seed)
+    starts; generation stops at the end-of-text / end-of-turn tokens (`stop_token_ids`). generate.py,
+    evaluate.py's answers and the samples logged during training all decode through here.
+    synced_gpus: every rank generates in step (ZeRO-3, whose forward passes gather weights from all ranks).
+    Greedy decoding does not seed the random generator (so training samples leave the training RNG alone)."""
+    if sampling.do_sample:
+        torch.manual_seed(sampling.seed)
     stop_ids = stop_token_ids(model, tokenizer)
     outputs = []
     for start in range(0, len(prompts), batch_size):
-        encoded = encode_prompts(tokenizer, prompts[start:start + batch_size], chat, model.device)
+        encoded = encode_prompts(tokenizer, prompts[start:start + batch_size], chat, device or model.device)
         generated = model.generate(**encoded, **sampling.generate_kwargs(), streamer=streamer,
-                                   eos_token_id=stop_ids, pad_token_id=tokenizer.pad_token_id)
+                                   eos_token_id=stop_ids, pad_token_id=tokenizer.pad_token_id,
+                                   **({"synced_gpus": True} if synced_gpus else {}))
         new_tokens = generated[:, encoded["input_ids"].shape[1]:]
         outputs.extend(tokenizer.batch_decode(new_tokens, skip_special_tokens=True))
     return outputs

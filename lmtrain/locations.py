@@ -79,6 +79,18 @@ def check_location(name: str, what: str = "--model", needs: tuple[str, ...] = MO
     return name
 
 
+def check_output_directory(output_dir: str, what: str = "--output_dir") -> Path:
+    """Refuse, before any work, an output directory that is a file or lies under one (writing into it would
+    fail later with a traceback, or save_pretrained would only log an error). It is created later if missing."""
+    path = Path(output_dir)
+    if path.exists() and not path.is_dir():
+        raise UserError(f"{what} {output_dir} is a file: give a directory (it is created if missing)")
+    parent = next((p for p in path.absolute().parents if p.exists()), None)
+    if parent is not None and not parent.is_dir():
+        raise UserError(f"{what} {output_dir}: {parent} is a file, so the directory cannot be created")
+    return path
+
+
 def check_model_location(name: str, what: str = "--model") -> str:
     return check_location(name, what, MODEL_FILES, "model")
 

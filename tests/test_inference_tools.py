@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import builtins
 import json
+import logging
 import os
 import signal
 import socket
@@ -378,12 +379,14 @@ def test_empty_eval_files(model_dir, write_jsonl, tmp_path, caplog):
         evaluate.main(["--model", str(model_dir), "--eval_files", empty, "--output_json", str(tmp_path / "r.json")])
     assert not (tmp_path / "r.json").exists()
     good = write_jsonl([{"text": "ROMEO. He jests at scars that never felt a wound."}], "good.jsonl")
+    caplog.clear()
     with caplog.at_level("WARNING"):
         results = evaluate.main(["--model", str(model_dir), "--eval_files", empty, good,
                                  "--output_json", str(tmp_path / "r.json")])
     assert "source:good" in results["text"] and "source:empty" not in results["text"]
     assert results["text"]["all"]["documents"] == 1
-    assert any("'empty'" in r.getMessage() and "skipped" in r.getMessage() for r in caplog.records)
+    about_empty = [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING and "empty" in r.getMessage()]
+    assert len(about_empty) == 1 and "empty.jsonl" in about_empty[0] and "skipped" in about_empty[0], about_empty
 
 
 # --- 9.12 / 9.10 / 9.13: generate.py inputs and outputs --------------------------------------------------

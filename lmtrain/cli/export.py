@@ -31,26 +31,22 @@ class ExportArguments:
     gguf_type: str = field(default="bf16", metadata={"help": "GGUF tensor type: f32, f16, bf16, q8_0 or auto."})
 
 
-def check_output_dir(output_dir: str) -> None:
-    """Refuse, before any loading, an output path that save_pretrained would only log an error about."""
-    path = Path(output_dir)
-    if path.exists() and not path.is_dir():
-        raise UserError(f"--output_dir {output_dir} is a file: give a directory (it is created if missing)")
-    parent = next((p for p in path.absolute().parents if p.exists()), None)
-    if parent is not None and not parent.is_dir():
-        raise UserError(f"--output_dir {output_dir}: {parent} is a file, so the directory cannot be created")
-
-
 def main(argv=None):
     from transformers import AutoModelForCausalLM
 
-    from lmtrain.locations import check_adapter_location, check_model_location, load_from, parse_dtype
+    from lmtrain.locations import (check_adapter_location, check_model_location, check_output_directory, load_from,
+                                   parse_dtype)
     from lmtrain.model.building import generation_config_for
     from lmtrain.tokenizer import load_tokenizer
 
     (args,) = parse_arguments([ExportArguments], argv)
     dtype = parse_dtype(args.dtype)  # "auto": keep the dtype the weights were saved in
-    check_output_dir(args.output_dir)
+    check_output_directory(args.output_dir)
+    if Path(args.output_dir).resolve() == Path(args.model).resolve():
+        # save_pretrained would overwrite the trained weights in place (in --dtype), and a failure halfway
+        # would leave neither the original nor the export.
+        raise UserError(f"--output_dir {args.output_dir} is the --model directory: the export would rewrite the "
+                        "trained model in place. Pick another --output_dir (e.g. exports/NAME)")
     check_model_location(args.model, "--model")
     if args.adapter:
         check_adapter_location(args.adapter, "--adapter")

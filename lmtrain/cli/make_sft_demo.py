@@ -18,6 +18,7 @@ from pathlib import Path
 
 from lmtrain.cli.parsing import parse_arguments
 from lmtrain.data.demo_corpus import ensure_demo_corpus
+from lmtrain.locations import check_output_directory
 
 SYSTEM_PROMPTS = ["You are a helpful assistant.", "Answer briefly.", "You are a scholar of Shakespeare."]
 
@@ -72,6 +73,7 @@ TASKS = ["add", "next_number", "repeat", "which_play", "follow_up"]
 
 def main(argv=None):
     (args,) = parse_arguments([DemoArguments], argv)
+    check_output_directory(args.output_dir)  # before the corpus is read
     rng = random.Random(args.seed)
     plays = play_lines()
     out = Path(args.output_dir)

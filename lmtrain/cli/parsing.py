@@ -11,6 +11,7 @@ import json
 import logging
 import os
 import sys
+import dataclasses
 from dataclasses import asdict
 
 from transformers import HfArgumentParser
@@ -162,16 +163,53 @@ def _join_report_to(argv: list[str]) -> list[str]:
     return out
 
 
+def explicit_options(options) -> frozenset:
+    """The field names of a parsed dataclass that the user gave (a flag or a config-file key), as opposed to
+    defaults; empty for an instance built in code. A value equal to the default, given on purpose, counts."""
+    return getattr(options, EXPLICIT_ATTRIBUTE, frozenset())
+
+
+EXPLICIT_ATTRIBUTE = "explicit_options"  # an attribute, not a dataclass field: never saved in lmtrain_config.json
+
+
+def _given_on_command_line(parser: HfArgumentParser, argv: list[str]) -> set[str]:
+    """The destinations the command line sets: argv parsed again with every default suppressed, so only
+    options present in it land in the namespace (argparse's own matching: --no_X, --x=1, abbreviations)."""
+    import argparse
+
+    saved_defaults, saved_parser_defaults = [(a, a.default) for a in parser._actions], parser._defaults
+    try:
+        for action in parser._actions:
+            action.default = argparse.SUPPRESS
+        parser._defaults = {}
+        namespace, _ = argparse.ArgumentParser.parse_known_args(parser, argv, argparse.Namespace())
+    finally:
+        for action, default in saved_defaults:
+            action.default = default
+        parser._defaults = saved_parser_defaults
+    return set(vars(namespace))
+
+
 def parse_arguments(dataclass_types, argv: list[str] | None = None):
-    """Dataclass defaults < the config file's values < command-line flags."""
+    """Dataclass defaults < the config file's values < command-line flags. Each returned instance carries
+    `explicit_options` (see explicit_options()), and its `check_explicit_options()` runs when it has one."""
     argv = list(sys.argv[1:] if argv is None else argv)
     config_path, argv = split_config_file(argv)
     argv = translate_legacy_flags(argv)
     parser = HfArgumentParser(dataclass_types)
+    from_config = {}
     if config_path:
-        parser.set_defaults(**_config_defaults(parser, read_config_file(config_path), config_path))
+        from_config = _config_defaults(parser, read_config_file(config_path), config_path)
+        parser.set_defaults(**from_config)
     try:
-        return parser.parse_args_into_dataclasses(args=argv, look_for_args_file=False)
+        parsed = parser.parse_args_into_dataclasses(args=argv, look_for_args_file=False)
+        given = set(from_config) | _given_on_command_line(parser, argv)
+        for options in parsed:
+            names = {f.name for f in dataclasses.fields(options)}
+            object.__setattr__(options, EXPLICIT_ATTRIBUTE, frozenset(given & names))
+            if hasattr(options, "check_explicit_options"):
+                options.check_explicit_options()
+        return parsed
     except UserError:
         raise
     except ValueError as error:  # a __post_init__ check: conflicting or out-of-range options
@@ -182,11 +220,13 @@ def parse_arguments(dataclass_types, argv: list[str] | None = None):
 def save_resolved_config(output_dir: str, **groups) -> str:
     """Write every resolved option next to the checkpoints, nested by group for reading. Passed back as the
     config file (`python pretrain.py OUTPUT_DIR/lmtrain_config.json`) it repeats the run; secrets (hub
-    tokens) are never written."""
+    tokens) are never written, nor a group's options_not_recorded() (options that did not apply)."""
     os.makedirs(output_dir, exist_ok=True)
     resolved = {}
     for name, group in groups.items():
         values = json.loads(group.to_json_string()) if hasattr(group, "to_json_string") else asdict(group)
+        for key in getattr(group, "options_not_recorded", lambda: ())():
+            values.pop(key, None)  # decided elsewhere (e.g. by the prepared data), or not applying to this run
         for key in [k for k in values if k.endswith("_token")]:
             if getattr(group, key, None) is None:
                 values[key] = None

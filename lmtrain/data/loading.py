@@ -126,8 +126,11 @@ def select_eval_blocks(validation: datasets.Dataset | None, count: int | None, s
 
 
 def _block_size_was_given(args: DataArguments) -> bool:
-    """--block_size set by the user (a flag or config file). Only a value other than the default can be
-    told apart from the default; --block_size 1024 on 128-token data is therefore logged, not refused."""
+    """--block_size set by the user (a flag or a config-file key), whatever its value: parse_arguments records
+    the options given (explicit_options). DataArguments built in code carry none; for them only a value
+    other than the default can be told apart from it."""
+    if hasattr(args, "explicit_options"):
+        return "block_size" in args.explicit_options
     default = {f.name: f.default for f in fields(DataArguments)}["block_size"]
     return args.block_size is not None and args.block_size != default
 
@@ -152,7 +155,8 @@ def _load_pretrain(args: DataArguments, tokenizer, training_args, max_positions:
         block_size = len(prepared["train"][0]["input_ids"])
         if _block_size_was_given(args) and args.block_size != block_size:
             raise DataError(f"--block_size {args.block_size}, but --dataset_path {args.dataset_path} holds blocks "
-                            f"of {block_size} tokens (fixed when it was prepared). Drop --block_size to train on "
+                            f"of {block_size} tokens (fixed when it was prepared). Drop --block_size (a flag or a "
+                            f"config-file key) to train on "
                             f"{block_size}-token blocks, or prepare the data again with data_prep/prepare_pretrain.py "
                             f"--block_size {args.block_size}")
         logger.info("training on the prepared blocks of %d tokens (--dataset_path %s)", block_size, args.dataset_path)

@@ -174,9 +174,29 @@ def _early_run_files(args) -> set[str]:
     return names
 
 
+# What a finished run of ours leaves at the top of output_dir (the final model of save_pretrained, tokenizer
+# and generation config, the LoRA adapter, results, state and plot). A new run that stops early (a planned
+# stop, a crash) would leave the old run's model there next to its checkpoints, and loading OUTPUT_DIR would
+# quietly give the old model: --overwrite_output_dir deletes these names, and only these (never a user's file).
+FINAL_OUTPUT_FILES = ("config.json", "generation_config.json", "model.safetensors", "model.safetensors.index.json",
+                      "training_args.bin", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
+                      "added_tokens.json", "chat_template.jinja", "chat_template.json", "vocab.json", "merges.txt",
+                      "tokenizer.model", "all_results.json", "train_results.json", "eval_results.json",
+                      "trainer_state.json", "training_curves.png")
+FINAL_OUTPUT_PATTERNS = ("model-*-of-*.safetensors",)
+FINAL_OUTPUT_DIRS = ("adapter",)
+
+
+def _final_outputs(output: Path) -> list[Path]:
+    found = [output / name for name in FINAL_OUTPUT_FILES if (output / name).is_file()]
+    found += [path for pattern in FINAL_OUTPUT_PATTERNS for path in sorted(output.glob(pattern)) if path.is_file()]
+    return found + [output / name for name in FINAL_OUTPUT_DIRS if (output / name).is_dir()]
+
+
 def _start_fresh(args, output: Path):
     """--overwrite_output_dir: the earlier run's checkpoints are deleted (never resumed from, never counted
-    by checkpoint rotation later) and so is its completion record; other files are kept or overwritten."""
+    by checkpoint rotation later), and so are its completion record and its final output (FINAL_OUTPUT_FILES:
+    the old model must not outlive it next to the new run's checkpoints); other files are kept."""
     if args.process_index != 0:
         return
     checkpoints = _checkpoint_dirs(output)
@@ -184,10 +204,16 @@ def _start_fresh(args, output: Path):
         shutil.rmtree(path, ignore_errors=True)
     for name in (COMPLETE_FILE, "samples.jsonl"):
         (output / name).unlink(missing_ok=True)
+    finals = _final_outputs(output)
+    for path in finals:
+        shutil.rmtree(path, ignore_errors=True) if path.is_dir() else path.unlink(missing_ok=True)
     if checkpoints:
         logger.warning("--overwrite_output_dir: starting fresh, deleted %d checkpoint(s) of the earlier run in %s "
                        "(%s)", len(checkpoints), output, ", ".join(p.name for p in checkpoints))
-    else:
+    if finals:
+        logger.warning("--overwrite_output_dir: deleted the earlier run's final output in %s: %s", output,
+                       ", ".join(p.name + ("/" if p.name in FINAL_OUTPUT_DIRS else "") for p in finals))
+    if not checkpoints and not finals:
         logger.info("--overwrite_output_dir: starting fresh in %s", output)
 
 

@@ -15,21 +15,27 @@ logger = logging.getLogger(__name__)
 
 @torch.no_grad()
 def log_samples(trainer: Trainer, prompts: list[str], max_new_tokens: int):
-    """Greedy continuations of fixed prompts, to watch the model learn. Every rank generates (ZeRO-3 shards
-    the weights, so all ranks must run the forward passes); rank 0 writes the texts to the log,
+    """Greedy answers to fixed prompts, to watch the model learn: decoded by generate.py's own function
+    (lmtrain.generation.generate_texts, greedy), so a sample is what `generate.py --do_sample false`
+    prints for the saved model. --sample_chat_template (the default of sft.py) renders each prompt as a user
+    turn as `--chat_template` does; pretraining continues the raw text. Every rank generates (ZeRO-3 shards
+    the weights, so all ranks must run the forward passes in step); rank 0 writes the texts to the log,
     TensorBoard / SwanLab and OUTPUT_DIR/samples.jsonl."""
     from transformers.integrations import TensorBoardCallback
     from transformers.integrations.deepspeed import is_deepspeed_zero3_enabled
 
+    from lmtrain.generation import SamplingArguments, generate_texts
+
     model, tokenizer = trainer.model, trainer.processing_class
+    chat = getattr(trainer.args, "sample_chat_template", False)
+    if chat and not getattr(tokenizer, "chat_template", None):
+        logger.warning("--sample_chat_template: the tokenizer has no chat template; samples continue the raw prompt")
+        chat = False
     was_training = model.training
     model.eval()
-    texts = []
-    for prompt in prompts:
-        encoded = tokenizer(prompt, return_tensors="pt").to(trainer.args.device)
-        output = model.generate(**encoded, max_new_tokens=max_new_tokens, do_sample=False, use_cache=True,
-                                pad_token_id=tokenizer.pad_token_id, synced_gpus=is_deepspeed_zero3_enabled())
-        texts.append(tokenizer.decode(output[0, encoded["input_ids"].shape[1]:], skip_special_tokens=True))
+    greedy = SamplingArguments(max_new_tokens=max_new_tokens, do_sample=False)
+    texts = generate_texts(model, tokenizer, list(prompts), greedy, chat=chat,
+                           synced_gpus=is_deepspeed_zero3_enabled(), device=trainer.args.device)
     model.train(was_training)
     if not trainer.is_world_process_zero():
         return
