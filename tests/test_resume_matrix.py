@@ -65,13 +65,16 @@ def run_args(inputs, stage: str, deepspeed: str | None, out: Path) -> list[str]:
               "--max_train_samples", str(ROWS), "--max_steps", str(STEPS), "--learning_rate", "3e-3",
               "--warmup_steps", "2", "--logging_steps", "1", "--save_strategy", "steps", "--save_steps",
               str(SAVE_STEPS), "--report_to", "none", "--seed", "7", "--dataloader_num_workers", "0",
-              "--disable_tqdm", "true", "--plot_curves", "false", "--output_dir", str(out)]
+              "--disable_tqdm", "true", "--plot_curves", "false", "--output_dir", str(out),
+              # A cache per run: a DeepSpeed reference prepares beside the interrupted run, and two processes
+              # writing one preparation cache at the same moment collide on its temporary files.
+              "--prepared_cache_dir", str(out.parent / "cache")]
     if deepspeed:
         common += ["--deepspeed", str(REPO / "ds_configs" / deepspeed)]
     if stage == "pretrain":
         return ["--tokenizer_name", str(root / "tokenizer"), "--train_files", str(corpus), "--block_size", "32",
-                "--config_name", "qwen2-tiny", "--config_overrides", TINY, "--prepared_cache_dir",
-                str(root / "cache"), "--validation_split_percentage", "0", *common]
+                "--config_name", "qwen2-tiny", "--config_overrides", TINY, "--validation_split_percentage", "0",
+                *common]
     return ["--tokenizer_name", str(root / "tokenizer"), "--config_name", "qwen2-tiny", "--config_overrides", TINY,
             "--train_files", str(chats), "--max_length", "48", "--validation_split_percentage", "0", *common]
 
