@@ -274,3 +274,29 @@ def test_export_refuses_to_write_over_its_model_directory(tiny_model_dir, tmp_pa
         with pytest.raises(UserError, match="is the --model directory.*Pick another --output_dir"):
             export.main(["--model", str(model), "--output_dir", output])
     assert {p.name: p.stat().st_mtime_ns for p in model.iterdir()} == before
+
+
+def test_sft_samples_under_zero3_are_the_greedy_chat_answers(tiny_model_dir, tmp_path):
+    """ZeRO-3 shards the weights: the samples' generate runs with synced_gpus on every rank (one here)."""
+    import os
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    prompt = "What is 2 + 3?"
+    data = write_chat_file(tmp_path / "chat.jsonl", 32)
+    out = tmp_path / "zero3"
+    env = {**os.environ, "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port), "RANK": "0", "LOCAL_RANK": "0",
+           "WORLD_SIZE": "1"}
+    run = subprocess.run([sys.executable, str(REPO / "sft.py"), "--deepspeed", str(REPO / "ds_configs/zero3.json"),
+                          "--model_name_or_path", str(tiny_model_dir), "--train_files", str(data), "--max_length", "64",
+                          "--validation_split_percentage", "10", "--eval_strategy", "steps", "--eval_steps", "3",
+                          "--max_steps", "3", "--per_device_train_batch_size", "4", "--learning_rate", "1e-3",
+                          "--save_strategy", "no", "--report_to", "none", "--dataloader_num_workers", "0",
+                          "--plot_curves", "false", "--sample_prompts", prompt, "--sample_max_new_tokens",
+                          str(NEW_TOKENS), "--output_dir", str(out)], env=env, capture_output=True, text=True,
+                         timeout=900)
+    assert run.returncode == 0, run.stderr[-3000:]
+    sample = json.loads((out / "samples.jsonl").read_text().splitlines()[-1])
+    assert sample["step"] == 3 and sample["text"] == greedy_generate(out, prompt, "--chat_template")
