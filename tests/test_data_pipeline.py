@@ -425,3 +425,24 @@ def test_demo_corpus_is_built_without_gutenberg_text(demo_corpus_path, tmp_path)
     assert all(record["text"].strip() and record["play_file"] for record in records)
     offending = [line for record in records for line in record["text"].splitlines() if "gutenberg" in line.lower()]
     assert offending == []
+
+
+def test_two_jobs_preparing_into_one_cache_at_once_both_succeed(write_jsonl, tiny_tokenizer_dir, tmp_path):
+    """Separate jobs sharing --prepared_cache_dir used to rename each other's half-written packed-*.tmp
+    (FileNotFoundError); each process now writes its own temporary file."""
+    import subprocess
+
+    rng = np.random.default_rng(0)
+    words = [f"word{i}" for i in range(300)]
+    source = write_jsonl({"text": " ".join(rng.choice(words, 200))} for _ in range(400))
+    cache = tmp_path / "shared-cache"
+    script = Path(__file__).resolve().parents[1] / "data_prep" / "prepare_pretrain.py"
+    jobs = [subprocess.Popen([sys.executable, str(script), "--tokenizer_name", str(tiny_tokenizer_dir),
+                              "--sources", source, "--block_size", "64", "--prepared_cache_dir", str(cache),
+                              "--output_dir", str(tmp_path / f"out{i}")],
+                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) for i in range(2)]
+    outputs = [job.communicate(timeout=300)[0] for job in jobs]
+    assert [job.returncode for job in jobs] == [0, 0], outputs
+    first, second = (datasets.load_from_disk(str(tmp_path / f"out{i}")) for i in range(2))
+    assert first["train"]["input_ids"] == second["train"]["input_ids"]
+    assert not list(cache.glob("*.tmp"))

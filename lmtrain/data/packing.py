@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 from pathlib import Path
 from typing import TYPE_CHECKING, Iterator
 
@@ -24,6 +25,13 @@ if TYPE_CHECKING:
 IGNORE_INDEX = -100
 BLOCK_COLUMNS = ("input_ids", "labels", "position_ids")
 BLOCK_FEATURES = datasets.Features.from_arrow_schema(pa.schema({name: pa.list_(pa.int32()) for name in BLOCK_COLUMNS}))
+
+
+def private_tmp(path: Path) -> Path:
+    """A temporary name for writing `path` that no other process uses: two jobs preparing into one shared
+    cache at the same moment must not write or rename each other's half-written files (the last rename
+    wins, and both write the same content)."""
+    return path.with_name(f"{path.name}.{os.getpid()}.tmp")
 
 
 def positions_in_segments(segment_lengths: np.ndarray) -> np.ndarray:
@@ -121,7 +129,7 @@ def pack_documents(tokenized: datasets.Dataset, indices: np.ndarray, block_size:
     if path.exists() and meta_path.exists() and not overwrite:
         return datasets.Dataset.from_file(str(path)), {**json.loads(meta_path.read_text()), "cache": "reused"}
     packer = BlockPacker(block_size, pad_id, drop_remainder)
-    tmp = path.with_suffix(".tmp")
+    tmp = private_tmp(path)
     selected = tokenized.select(indices).with_format("arrow")
     mean_tokens = pa.compute.mean(selected["num_tokens"]).as_py() or 1
     batch_docs = int(min(4096, max(1, PACK_TOKENS // mean_tokens)))
@@ -144,7 +152,9 @@ def pack_documents(tokenized: datasets.Dataset, indices: np.ndarray, block_size:
         writer.finalize()
     tmp.replace(path)
     meta = {"blocks": blocks, "padded_tokens": packer.padded_tokens, "dropped_tokens": packer.dropped_tokens}
-    meta_path.write_text(json.dumps(meta))
+    meta_tmp = private_tmp(meta_path)
+    meta_tmp.write_text(json.dumps(meta))
+    meta_tmp.replace(meta_path)
     return datasets.Dataset.from_file(str(path)), {**meta, "cache": "computed"}
 
 

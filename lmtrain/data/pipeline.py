@@ -23,7 +23,7 @@ from tqdm.auto import tqdm
 from lmtrain.arguments import DataArguments
 from lmtrain.data.cleaning import CleaningConfig, clean_batch, cleaning_config, exact_duplicates, near_duplicates
 from lmtrain.data.mixture import empty_sources, mixture_selection
-from lmtrain.data.packing import pack_documents, pack_validation
+from lmtrain.data.packing import pack_documents, pack_validation, private_tmp
 from lmtrain.data.sources import (DataError, ReadStats, SourceSpec, read_file, read_hub_dataset,
                                   resolve_source_files)
 from lmtrain.data.tokenize import tokenize_table, tokenizer_fingerprint
@@ -179,7 +179,7 @@ def _deduplicate(cleaned: datasets.Dataset, config: CleaningConfig, cache_dir: P
         return np.array([str(r) for r in saved["reasons"]], dtype=object)[saved["codes"]]
     drops = _find_duplicates(cleaned, config)
     reasons, codes = np.unique(drops.astype(str), return_inverse=True)  # one small code per row
-    tmp = path.with_name(path.stem + ".tmp.npz")
+    tmp = private_tmp(path).with_suffix(".npz")  # np.savez appends .npz to other names
     np.savez(tmp, reasons=reasons, codes=codes.astype(np.uint8 if len(reasons) < 256 else np.int32))
     tmp.replace(path)
     return drops

@@ -24,10 +24,9 @@ import pyarrow.compute as pc
 from datasets.arrow_writer import ArrowWriter
 
 from lmtrain.data.chat_render import RecordProblem, mask_from_offsets, render_text
-from lmtrain.data.packing import BLOCK_FEATURES
+from lmtrain.data.packing import BLOCK_FEATURES, IGNORE_INDEX, private_tmp
 from lmtrain.data.pipeline import _percentiles, _reused, _stamp
 from lmtrain.data.tokenize import tokenizer_fingerprint
-from lmtrain.data.packing import IGNORE_INDEX
 from lmtrain.data.sft import encode_conversation, record_to_messages
 from lmtrain.data.sft_rows import pack_bins, write_rows
 from lmtrain.data.sources import DataError, ReadStats, expand_location, read_hub_records, read_records
@@ -244,7 +243,7 @@ def _rows(encoded: datasets.Dataset, indices: np.ndarray, lengths: np.ndarray, a
         order, starts = pack_bins(lengths, args.max_length)
     else:
         order, starts = np.arange(len(indices)), None
-    tmp = path.with_suffix(".tmp")
+    tmp = private_tmp(path)
     samples = encoded.with_format("arrow").select_columns(["input_ids", "labels"])
     with ArrowWriter(path=str(tmp), features=BLOCK_FEATURES) as writer:
         write_rows(samples, indices[order], starts, lengths[order], args.max_length, pad_id, writer)
