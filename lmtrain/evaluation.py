@@ -2,7 +2,6 @@
 document length), and exact-match accuracy on chat tasks with known answers."""
 from __future__ import annotations
 
-import json
 import logging
 import math
 from collections import defaultdict
@@ -103,8 +102,9 @@ def chat_eval_record(record, where: str) -> dict:
 
     Besides the evaluation format ({messages, answer, task}), a record in any SFT training format counts:
     the messages before its last one (the assistant's) are the prompt, that message's content the answer,
-    so a held-out split of the training data scores as it is."""
-    from lmtrain.data.sft import to_messages
+    so a held-out split of the training data scores as it is. Messages pass the same checks as in training
+    (lmtrain.data.sft: known roles, string content), so evaluation accepts exactly what training accepts."""
+    from lmtrain.data.sft import RecordProblem, check_messages, record_to_messages
 
     if not isinstance(record, dict):
         raise DataError(f"{where}: expected a JSON object, got a {type(record).__name__}; each line is "
@@ -116,23 +116,45 @@ def chat_eval_record(record, where: str) -> dict:
         if not isinstance(record["answer"], str):
             raise DataError(f"{where}: field 'answer' must be a string, not {type(record['answer']).__name__}")
         if not (isinstance(messages, list) and messages and all(
-                isinstance(m, dict) and isinstance(m.get("role"), str) and isinstance(m.get("content"), str)
-                for m in messages)):
+                isinstance(m, dict) and "role" in m and "content" in m for m in messages)):
             raise DataError(f"{where}: with an 'answer', field 'messages' must be a non-empty list of "
                             f"{{'role', 'content'}} objects (or give a string 'prompt')")
+        messages = [{"role": m["role"], "content": m["content"]} for m in messages]
+        try:
+            check_messages(messages + [{"role": "assistant", "content": record["answer"]}])
+        except RecordProblem as err:
+            raise DataError(f"{where}: {err}") from None
         return {**record, "messages": messages}
     if not any(key in record for key in ("messages", "conversations", "instruction")):
         raise DataError(f"{where}: found fields {sorted(record)}; expected {CHAT_EVAL_FORMATS}")
-    messages = to_messages(record, where)
-    if len(messages) < 2 or messages[-1]["role"] != "assistant":
-        last = messages[-1]["role"] if messages else "none"
+    try:
+        messages = record_to_messages(record, where)
+    except RecordProblem as err:
+        if err.reason != "no_assistant_turn":
+            raise DataError(f"{where}: {err}") from None
+        messages = None
+    if not messages or len(messages) < 2 or messages[-1]["role"] != "assistant":
+        last = messages[-1]["role"] if messages else "no assistant"
         raise DataError(f"{where}: without an 'answer' field the last message must be the assistant's answer, "
                         f"after at least one prompt message (last role: {last}); expected {CHAT_EVAL_FORMATS}")
-    if not isinstance(messages[-1]["content"], str):
-        raise DataError(f"{where}: the assistant's answer must be a string")
     kept = {k: v for k, v in record.items() if k not in ("messages", "conversations", "instruction", "input",
                                                            "output", "system")}
     return {**kept, "messages": messages[:-1], "answer": messages[-1]["content"]}
+
+
+def strict_records(path: str):
+    """(where, record) of a record file read strictly through the shared reader (BOM accepted; invalid
+    UTF-8, malformed JSON and non-objects are one DataError naming file:line). A file without a
+    .json / .parquet suffix is read as JSON lines."""
+    from lmtrain.data.sources import read_jsonl_records, read_records
+
+    stats = ReadStats()
+    reader = read_records if Path(path).suffix.lower() in (".jsonl", ".json", ".parquet") else read_jsonl_records
+    try:
+        yield from reader(path, stats, True)
+    except DataError as err:  # the training reader's hint about --lenient does not apply here
+        message = str(err).replace(" (without --lenient false such records are dropped and counted)", "")
+        raise DataError(message) from None
 
 
 def load_chat_eval(eval_file: str) -> list[dict]:
@@ -140,16 +162,7 @@ def load_chat_eval(eval_file: str) -> list[dict]:
     path = Path(eval_file)
     if not path.is_file():
         raise DataError(f"--sft_eval_file: no such file: {eval_file}")
-    records = []
-    for line_number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1):
-        if not line.strip():
-            continue
-        where = f"{eval_file}:{line_number}"
-        try:
-            record = json.loads(line)
-        except json.JSONDecodeError as err:
-            raise DataError(f"{where}: malformed JSON ({err.msg}, column {err.colno})") from None
-        records.append(chat_eval_record(record, where))
+    records = [chat_eval_record(record, where) for where, record in strict_records(eval_file)]
     if not records:
         raise DataError(f"--sft_eval_file {eval_file} holds no records; each line is {CHAT_EVAL_FORMATS}")
     return records

@@ -125,21 +125,15 @@ def generate_texts(model, tokenizer, prompts: list[str], sampling: SamplingArgum
 def read_prompts(prompts_file: str, prompt_field: str = "prompt") -> list[dict]:
     """The records of a jsonl prompts file; every problem names the file and line."""
     from lmtrain.data.sources import DataError
+    from lmtrain.evaluation import strict_records
 
     if not Path(prompts_file).is_file():
         raise DataError(f"--prompts_file: no such file: {prompts_file}")
     records = []
-    with open(prompts_file, encoding="utf-8") as handle:
-        for line_number, line in enumerate(handle, start=1):
-            if not line.strip():
-                continue
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError as err:
-                raise DataError(f"{prompts_file}:{line_number}: malformed JSON ({err.msg})") from None
-            if not isinstance(record, dict) or not isinstance(record.get(prompt_field), str):
-                raise DataError(f"{prompts_file}:{line_number}: needs a string field '{prompt_field}'")
-            records.append(record)
+    for where, record in strict_records(prompts_file):
+        if not isinstance(record.get(prompt_field), str):
+            raise DataError(f"{where}: needs a string field '{prompt_field}'")
+        records.append(record)
     if not records:
         raise DataError(f"{prompts_file} holds no prompts: give one JSON object with a '{prompt_field}' field "
                         f"per line")

@@ -389,6 +389,41 @@ def test_empty_eval_files(model_dir, write_jsonl, tmp_path, caplog):
     assert len(about_empty) == 1 and "empty.jsonl" in about_empty[0] and "skipped" in about_empty[0], about_empty
 
 
+def test_chat_eval_reads_through_the_shared_strict_reader(write_jsonl):
+    good = {"messages": [{"role": "user", "content": "q"}], "answer": "a"}
+    with pytest.raises(UserError, match=r"bad.jsonl:2: not valid UTF-8"):
+        load_chat_eval(write_jsonl([good, b'{"prompt": "\xff", "answer": "a"}'], "bad.jsonl"))
+    bom = write_jsonl([b"\xef\xbb\xbf" + json.dumps(good).encode(), good], "bom.jsonl")
+    assert [r["answer"] for r in load_chat_eval(bom)] == ["a", "a"]
+
+
+@pytest.mark.parametrize("record, message", [
+    ({"messages": [{"role": "user", "content": ["q"]}], "answer": "a"}, r"content must be a string"),
+    ({"messages": [{"role": "user", "content": [{"type": "text", "text": "q"}]},
+                   {"role": "assistant", "content": "a"}]}, r"content must be a string"),
+    ({"messages": [{"role": "wizard", "content": "q"}], "answer": "a"}, r"unknown role\(s\) \['wizard'\]"),
+    ({"messages": [{"role": "wizard", "content": "q"}, {"role": "assistant", "content": "a"}]},
+     r"unknown role\(s\) \['wizard'\]"),
+])
+def test_chat_eval_refuses_what_training_refuses(record, message, write_jsonl):
+    path = write_jsonl([record])
+    with pytest.raises(UserError, match=r"data.jsonl:1: .*" + message):
+        load_chat_eval(path)
+
+
+def test_generate_file_non_utf8_line_names_file_and_line(write_jsonl, tmp_path, no_loading):
+    from lmtrain.generation import generate_file
+
+    path = write_jsonl([b'{"prompt": "\xff"}'], "p.jsonl")
+    with pytest.raises(UserError, match=r"p.jsonl:1: not valid UTF-8"):
+        generate_file(None, None, path, str(tmp_path / "out.jsonl"), SamplingArguments(), chat=False)
+    with pytest.raises(UserError, match=r"p.jsonl:1: not valid UTF-8"):
+        generate.main(["--model", "unused", "--prompts_file", path])
+    bom = write_jsonl([b'\xef\xbb\xbf{"prompt": "x"}'], "bom.jsonl")
+    from lmtrain.generation import read_prompts
+    assert read_prompts(bom) == [{"prompt": "x"}]
+
+
 # --- 9.12 / 9.10 / 9.13: generate.py inputs and outputs --------------------------------------------------
 
 def test_generate_refuses_an_empty_prompts_file(write_jsonl, no_loading):
