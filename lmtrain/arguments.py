@@ -8,10 +8,14 @@ one way, from the code that does the work to the options, and the options can be
 """
 from __future__ import annotations
 
+import logging
 import os
 from dataclasses import dataclass, field
 
 from transformers import TrainingArguments
+
+logger = logging.getLogger(__name__)
+
 
 @dataclass
 class ModelArguments:
@@ -174,6 +178,12 @@ class TrainArguments(TrainingArguments):
         if evaluating and self.metric_for_best_model is None:
             # Tracks the best checkpoint, which checkpoint rotation (save_total_limit) then never deletes.
             self.metric_for_best_model, self.greater_is_better = "eval_loss", False
+        import torch
+
+        if self.bf16 and not self.use_cpu and not self.deepspeed and not torch.cuda.is_available():
+            # PyTorch runs bf16 autocast on CPUs, but transformers refuses --bf16 there unless told use_cpu.
+            logger.info("--bf16 without a GPU: training in bf16 on the CPU (use_cpu)")
+            self.use_cpu = True
         from lmtrain.distributed import cpu_data_parallel, default_single_process_environment, init_cpu_process_group
         default_single_process_environment(self.deepspeed)  # all before the distributed state is set up
         if cpu_data_parallel(self.use_cpu, self.deepspeed):  # torchrun without GPUs: gloo data parallel

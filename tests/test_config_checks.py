@@ -144,3 +144,13 @@ def test_checkpoint_size_estimate_and_the_disk_space_check(tmp_path, monkeypatch
     finally:
         logging.getLogger("lmtrain").removeHandler(handler)
     assert any("room for one checkpoint only" in line for line in records)
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="the CPU fallback of --bf16 applies only without a GPU")
+def test_bf16_without_a_gpu_trains_in_bf16_on_the_cpu(tmp_path):
+    """transformers refuses --bf16 without a GPU unless use_cpu is set; the --fp16 refusal recommends
+    --bf16, so --bf16 alone must work on a CPU."""
+    from lmtrain.arguments import TrainArguments
+
+    args = TrainArguments(output_dir=str(tmp_path), bf16=True)
+    assert args.bf16 and args.use_cpu

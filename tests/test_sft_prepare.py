@@ -191,3 +191,6 @@ def test_prepared_directory_trains_with_dataset_path(tokenizer, records, tmp_pat
         sft.main(common + ["--tokenizer_name", str(tmp_path / "other"), "--output_dir", str(tmp_path / "o2")])
     with pytest.raises(UserError, match="--dataset_path is already prepared SFT data"):
         sft.main(common + ["--train_files", str(path), "--output_dir", str(tmp_path / "o3")])
+    # An explicit --max_length the data was not prepared with is refused, as pretraining refuses --block_size.
+    with pytest.raises(UserError, match="--max_length 256, but --dataset_path .* prepared with --max_length 96"):
+        sft.main(common + ["--max_length", "256", "--output_dir", str(tmp_path / "o4")])

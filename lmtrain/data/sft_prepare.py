@@ -358,10 +358,15 @@ def load_prepared_sft(args, tokenizer, evaluate: bool = False):
         raise DataError(f"--dataset_path {path} holds pretraining blocks, not SFT rows; prepare SFT data with "
                         "data_prep/prepare_sft.py (or train on it with pretrain.py)")
     check_prepared_tokenizer(path, report, tokenizer, prepare_script="data_prep/prepare_sft.py")
+    given = getattr(args, "explicit_options", frozenset())  # set by the command-line parser
     for name in ("max_length", "packing"):
         if getattr(args, name) != report[name]:
-            logger.warning("--dataset_path %s was prepared with --%s %s: training with that, not %s", path, name,
-                           report[name], getattr(args, name))
+            if name in given:  # as pretraining refuses an explicit --block_size the data does not have
+                raise DataError(f"--{name} {getattr(args, name)}, but --dataset_path {path} was prepared with "
+                                f"--{name} {report[name]} (fixed when it was prepared). Drop --{name} to train "
+                                f"with {report[name]}, or prepare the data again with data_prep/prepare_sft.py "
+                                f"--{name} {getattr(args, name)}")
+            logger.info("--dataset_path %s was prepared with --%s %s: training with that", path, name, report[name])
             setattr(args, name, report[name])
     dataset = datasets.load_from_disk(path)
     if evaluate and "validation" not in dataset:

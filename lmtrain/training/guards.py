@@ -65,6 +65,7 @@ class StepGuard(TrainerCallback):
         self._bad = None              # this step's reason, set by check()
         self._values = (None, None)
         self._window_counts = {"loss_spikes": 0, "grad_norm_explosions": 0, "grad_norm_vanishings": 0}
+        self._window_steps = self._window_bad = 0  # optimizer steps, and skipped ones, since the last log row
 
     # -- called by LMTrainer -------------------------------------------------------------------------------
     def note_loss(self, loss: torch.Tensor):
@@ -104,7 +105,13 @@ class StepGuard(TrainerCallback):
         """Counts for the next log row (reset after each row except the running total)."""
         out = {"nonfinite_steps": self.nonfinite_steps, **self._window_counts}
         self._window_counts = dict.fromkeys(self._window_counts, 0)
+        self._window_steps = self._window_bad = 0
         return out
+
+    def window_was_all_bad(self) -> bool:
+        """Every step since the last log row was skipped: transformers' NaN filter then logs a made-up loss
+        (0 when logging every step), so the row must say NaN instead."""
+        return self._window_steps > 0 and self._window_bad == self._window_steps
 
     # -- callback ------------------------------------------------------------------------------------------
     def on_train_begin(self, args, state, control, **kwargs):
@@ -115,7 +122,9 @@ class StepGuard(TrainerCallback):
     def on_step_end(self, args, state, control, **kwargs):
         loss, norm = self._values
         self._values = (None, None)
+        self._window_steps += 1
         if self._bad is not None:
+            self._window_bad += 1
             self.nonfinite_steps += 1
             self.consecutive += 1
             self.first_bad_step = self.first_bad_step or state.global_step

@@ -70,7 +70,7 @@ def model_config(model_args):
 def check_precision(args):
     if args.fp16 and not torch.cuda.is_available():
         raise UserError("--fp16 needs a CUDA GPU and this machine has none (fp16 mixed precision with its loss "
-                        "scaler does not run on the CPU): pass --bf16 (supported by PyTorch on CPUs) or neither")
+                        "scaler does not run on the CPU): pass --bf16 instead (bf16 autocast on the CPU) or neither")
     if args.bf16 and torch.cuda.is_available() and not args.use_cpu and not torch.cuda.is_bf16_supported():
         name = torch.cuda.get_device_name()
         major, minor = torch.cuda.get_device_capability()

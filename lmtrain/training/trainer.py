@@ -105,6 +105,8 @@ class LMTrainer(Trainer):
         if self.throughput is not None and "loss" in logs:
             logs.update(self.throughput.metrics(self.args))
         if self.guard is not None and "loss" in logs:
+            if self.guard.window_was_all_bad():
+                logs["loss"] = float("nan")
             logs.update(self.guard.metrics())
         super().log(logs, *args, **kwargs)
 
