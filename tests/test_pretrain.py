@@ -173,7 +173,9 @@ def _free_port() -> int:
         return sock.getsockname()[1]
 
 
-@pytest.mark.parametrize("ds_config", ["zero2.json", "zero3.json", "zero3_offload.json"])
+# zero3_offload trains in tests/test_deepspeed_cpu.py (its learning rates) on every run; its save here is slow.
+@pytest.mark.parametrize("ds_config", ["zero2.json", "zero3.json",
+                                       pytest.param("zero3_offload.json", marks=pytest.mark.slow)])
 def test_deepspeed_zero_trains_and_saves_loadable_weights(corpus_and_tokenizer, tmp_path, ds_config):
     """One process through DeepSpeed's CPU accelerator (two CPU processes disagree on the world size)."""
     from transformers import AutoModelForCausalLM
