@@ -22,18 +22,14 @@ from __future__ import annotations
 
 import logging
 
-from transformers import set_seed
-
 from lmtrain.arguments import LoraArguments, ModelArguments, SFTDataArguments, SFTTrainArguments
-from lmtrain.cli.parsing import parse_arguments, save_resolved_config
+from lmtrain.cli.parsing import parse_arguments
 from lmtrain.data.loading import load_training_data
-from lmtrain.model.lora import apply_lora, save_lora_model
 from lmtrain.model.building import build_model
+from lmtrain.model.lora import apply_lora, save_lora_model
 from lmtrain.tokenizer import load_tokenizer
-from lmtrain.training.checkpoints import completed_run, mark_run_complete, resolve_resume
-from lmtrain.training.preflight import preflight
-from lmtrain.training.signals import exit_after_signal
-from lmtrain.training.trainer import build_trainer, end_of_training, final_metrics, run_training, save_final_model
+from lmtrain.training.run import start_run, train_and_finish
+from lmtrain.training.trainer import build_trainer, save_final_model
 
 logger = logging.getLogger("sft")
 
@@ -41,19 +37,11 @@ logger = logging.getLogger("sft")
 def main(argv=None):
     model_args, data_args, lora_args, training_args = parse_arguments(
         [ModelArguments, SFTDataArguments, LoraArguments, SFTTrainArguments], argv)
-    logging.basicConfig(level=logging.INFO if training_args.process_index == 0 else logging.WARNING,
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s", force=True)
-    finished = completed_run(training_args)  # a requeued finished run: change nothing
-    if finished is not None:
-        return None, finished.get("metrics", {})
-    # Before any download or data preparation (--dataset_path: the row length is the prepared data's).
-    preflight(model_args, training_args, None if data_args.dataset_path else data_args.max_length, "--max_length",
-              use_lora=lora_args.use_lora)
-    resume_from = resolve_resume(training_args)
-    set_seed(training_args.seed)
-    if training_args.process_index == 0:
-        save_resolved_config(training_args.output_dir, model=model_args, data=data_args, lora=lora_args,
-                             training=training_args)
+    # --dataset_path: the row length is the prepared data's, checked when it is opened.
+    run = start_run(model_args, training_args, None if data_args.dataset_path else data_args.max_length,
+                    "--max_length", use_lora=lora_args.use_lora, data=data_args, lora=lora_args, training=training_args)
+    if run.finished_metrics is not None:
+        return None, run.finished_metrics
 
     tokenizer = load_tokenizer(model_args.tokenizer_name or model_args.model_name_or_path or "outputs/tokenizer",
                                cache_dir=model_args.cache_dir, revision=model_args.model_revision)
@@ -65,18 +53,12 @@ def main(argv=None):
 
     trainer = build_trainer(model, tokenizer, training_args, data.train, data.validation, data_collator=data.collator,
                             eval_bytes_per_token=data.validation_bytes_per_token)
-    result = run_training(trainer, resume_from)
-    ended = end_of_training(trainer)
-    if ended == "interrupted":  # SIGTERM/SIGINT: a checkpoint, no final model, exit 128 + N
-        exit_after_signal(trainer)
-    if ended == "stopped":  # planned stop: a checkpoint, no final model
-        return trainer, dict(result.metrics)
-    metrics = final_metrics(trainer, result, data.validation is not None and training_args.eval_strategy != "no")
-    trainer.save_state()
+    evaluate = data.validation is not None and training_args.eval_strategy != "no"
     if lora_args.use_lora:
-        save_lora_model(trainer, training_args.output_dir, merge=lora_args.merge_lora)
+        def save_final():
+            save_lora_model(trainer, training_args.output_dir, merge=lora_args.merge_lora)
     else:
-        save_final_model(trainer, training_args.output_dir)
-    mark_run_complete(trainer, metrics, ended)  # last: its presence means the run is done
+        def save_final():
+            save_final_model(trainer, training_args.output_dir)
+    metrics = train_and_finish(trainer, run.resume_from, evaluate, save_final)
     return trainer, metrics
-
