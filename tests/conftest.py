@@ -147,3 +147,45 @@ def packed_documents(tiny_tokenizer):
         return [piece.tolist() for piece in np.split(stream, cuts) if len(piece)]
 
     return split_documents
+
+
+TINY_MODEL = "hidden_size=32,intermediate_size=64,num_hidden_layers=2,num_attention_heads=2,num_key_value_heads=1"
+
+
+@pytest.fixture(scope="session")
+def plays_dir(tmp_path_factory, demo_corpus_path):
+    """A directory holding plays.jsonl (the first 120 scenes of the demo corpus) and room for a
+    preparation cache: the small corpus of the run-policy, signal, guard and checkpoint tests."""
+    root = tmp_path_factory.mktemp("plays")
+    lines = demo_corpus_path.read_text(encoding="utf-8").splitlines()[:120]
+    (root / "plays.jsonl").write_text("\n".join(lines) + "\n", encoding="utf-8")
+    return root
+
+
+def tiny_pretrain_argv(tokenizer_dir, corpus_dir, output_dir, *extra: str, warmup_steps: int = 2) -> list[str]:
+    """pretrain.py flags of a tiny deterministic run (logging every step) on `corpus_dir`/plays.jsonl;
+    `extra` flags come last, so they override these."""
+    return ["--tokenizer_name", str(tokenizer_dir), "--train_files", str(corpus_dir / "plays.jsonl"),
+            "--block_size", "64", "--config_name", "qwen2-tiny", "--config_overrides", TINY_MODEL,
+            "--prepared_cache_dir", str(corpus_dir / "cache"), "--per_device_train_batch_size", "4",
+            "--learning_rate", "3e-3", "--warmup_steps", str(warmup_steps), "--logging_steps", "1",
+            "--report_to", "none", "--seed", "7", "--dataloader_num_workers", "0", "--disable_tqdm", "true",
+            "--plot_curves", "false", "--output_dir", str(output_dir), *extra]
+
+
+@pytest.fixture
+def log_lines():
+    """Messages of the lmtrain loggers (main() reconfigures the root logger, so caplog cannot be used)."""
+    import logging
+
+    records: list[str] = []
+
+    class ListHandler(logging.Handler):
+        def emit(self, record):
+            records.append(record.getMessage())
+
+    handler = ListHandler(level=logging.INFO)
+    package = logging.getLogger("lmtrain")
+    package.addHandler(handler)
+    yield records
+    package.removeHandler(handler)

@@ -39,22 +39,6 @@ def corpus(tmp_path_factory):
     return path
 
 
-@pytest.fixture
-def log_lines():
-    """Messages of the lmtrain loggers (main() reconfigures the root logger, so caplog cannot be used)."""
-    records: list[str] = []
-
-    class ListHandler(logging.Handler):
-        def emit(self, record):
-            records.append(record.getMessage())
-
-    handler = ListHandler(level=logging.INFO)
-    package = logging.getLogger("lmtrain")
-    package.addHandler(handler)
-    yield records
-    package.removeHandler(handler)
-
-
 def pretrain_args(tokenizer_dir, corpus, out, *extra) -> list[str]:
     return ["--tokenizer_name", str(tokenizer_dir), "--train_files", str(corpus), "--block_size", "64",
             "--config_name", "qwen2-tiny", "--config_overrides", TINY, "--prepared_cache_dir",

@@ -3,7 +3,6 @@ of a finished run, and attempts that stopped before their first checkpoint. Tiny
 from __future__ import annotations
 
 import json
-import logging
 import signal
 import subprocess
 import sys
@@ -46,22 +45,6 @@ def args(corpus_and_tokenizer):
                 "--dataloader_num_workers", "0", "--disable_tqdm", "true", "--output_dir", str(output_dir), *extra]
 
     return make
-
-
-@pytest.fixture
-def log_lines():
-    """Messages of the lmtrain loggers (main() reconfigures the root logger, so caplog cannot be used)."""
-    records: list[str] = []
-
-    class ListHandler(logging.Handler):
-        def emit(self, record):
-            records.append(record.getMessage())
-
-    handler = ListHandler(level=logging.INFO)
-    package = logging.getLogger("lmtrain")
-    package.addHandler(handler)
-    yield records
-    package.removeHandler(handler)
 
 
 def losses(history) -> dict[int, float]:

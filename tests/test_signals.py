@@ -11,31 +11,16 @@ import time
 from pathlib import Path
 
 import pytest
+from conftest import tiny_pretrain_argv
 
 import pretrain
 
 REPO = Path(__file__).resolve().parents[1]
-TINY = "hidden_size=32,intermediate_size=64,num_hidden_layers=2,num_attention_heads=2,num_key_value_heads=1"
-
-
-@pytest.fixture(scope="module")
-def corpus(tmp_path_factory, demo_corpus_path):
-    root = tmp_path_factory.mktemp("signals")
-    lines = Path(demo_corpus_path).read_text(encoding="utf-8").splitlines()[:120]
-    (root / "plays.jsonl").write_text("\n".join(lines) + "\n", encoding="utf-8")
-    return root
 
 
 @pytest.fixture
-def args(corpus, tiny_tokenizer_dir):
-    def make(output_dir: Path, *extra: str) -> list[str]:
-        return ["--tokenizer_name", str(tiny_tokenizer_dir), "--train_files", str(corpus / "plays.jsonl"),
-                "--block_size", "64", "--config_name", "qwen2-tiny", "--config_overrides", TINY,
-                "--prepared_cache_dir", str(corpus / "cache"), "--per_device_train_batch_size", "4",
-                "--learning_rate", "3e-3", "--warmup_steps", "2", "--logging_steps", "1", "--report_to", "none",
-                "--seed", "7", "--dataloader_num_workers", "0", "--disable_tqdm", "true", "--plot_curves", "false",
-                "--output_dir", str(output_dir), *extra]
-    return make
+def args(plays_dir, tiny_tokenizer_dir):
+    return lambda output_dir, *extra: tiny_pretrain_argv(tiny_tokenizer_dir, plays_dir, output_dir, *extra)
 
 
 def losses(history) -> dict[int, float]:
