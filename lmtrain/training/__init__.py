@@ -7,8 +7,12 @@
 - callbacks.py: TrainerCallbacks that watch or steer the loop: throughput/MFU, curve plots, planned stops.
 - reporting.py: where figures and samples go: SwanLab/TensorBoard set-up, sample generation and logging.
 - metrics.py: evaluation figures (loss, perplexity, bits per byte, per source) from per-token statistics.
-- guards (a future guards.py): non-finite losses, loss spikes, SIGTERM/SIGUSR1 handlers; a guard is a
-  callback or a hook in LMTrainer, kept in its own module.
+- run.py: the start and end of a run shared by pretrain.py and sft.py (finished-run check, preflight,
+  resume, seed, resolved config; how training ended, final metrics, final save, completion record).
+- guards.py: non-finite steps (skipped, counted, a stop after K in a row), loss spikes, grad-norm
+  explosion/vanishing.
+- signals.py: SIGTERM/SIGINT: a checkpoint at the next step, the same step on every rank.
+- preflight.py: configuration checks before any download or data preparation.
 
 Batches come from lmtrain/data/ (load_training_data: datasets and collator); formulas that a planner also
 needs (FLOPs per token, peak TFLOP/s) are in lmtrain/model/flops.py.
