@@ -100,7 +100,7 @@ class DataArguments:
         if self.train_files and self.sources:
             raise ValueError("--train_files and --sources name the same thing; give one")
         if self.dataset_path and (self.train_files or self.sources):
-            raise ValueError("--dataset_path is already prepared data; do not also give raw --sources")
+            raise ValueError("--dataset_path is already prepared data; do not also give raw --sources or --train_files")
         if not 0 <= self.validation_split_percentage < 100:
             raise ValueError("--validation_split_percentage must be in [0, 100)")
         if self.txt_unit not in ("file", "line", "paragraph"):

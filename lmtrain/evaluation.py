@@ -153,7 +153,7 @@ def strict_records(path: str):
     try:
         yield from reader(path, stats, True)
     except DataError as err:  # the training reader's hint about --lenient does not apply here
-        message = str(err).replace(" (without --lenient false such records are dropped and counted)", "")
+        message = str(err).replace(" (with the default --lenient true such records are dropped and counted)", "")
         raise DataError(message) from None
 
 

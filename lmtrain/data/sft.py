@@ -137,7 +137,7 @@ def encode_sample(tokenizer, messages: list[dict], max_length: int, train_on_pro
         ids, labels, truncated = encode_conversation(tokenizer, messages, max_length, train_on_prompt)
     except RecordProblem as err:
         if not lenient:
-            raise DataError(f"{where}: {err} (with --lenient true such records are dropped and counted)") from None
+            raise DataError(f"{where}: {err} (with the default --lenient true such records are dropped and counted)") from None
         stats.dropped[err.reason] += 1
         if stats.dropped[err.reason] <= 3:
             logger.warning("dropping record at %s: %s", where, err)

@@ -156,8 +156,8 @@ def _encode_batch(batch: dict, tokenizer, max_length: int, train_on_prompt: bool
 
     def problem(i: int, err: RecordProblem):
         if not lenient:
-            raise DataError(f"{batch['where'][i]}: {err} (with --lenient true such records are dropped and "
-                            f"counted)") from None
+            raise DataError(f"{batch['where'][i]}: {err} (with the default --lenient true such records are "
+                            f"dropped and counted)") from None
         out["drop"][i] = err.reason
         _WARNED[err.reason] += 1
         if _WARNED[err.reason] <= 3:  # a few examples per process help; thousands would drown the log
