@@ -112,7 +112,8 @@ class ReadStats:
 
     def drop(self, reason: str, where: str, strict: bool, message: str):
         if strict:
-            raise DataError(f"{where}: {message} (with the default --lenient true such records are dropped and counted)")
+            raise DataError(f"{where}: {message} (with the default --lenient true such records are dropped and "
+                            "counted)")
         self.dropped[reason] += 1
         self.warned[reason] += 1
         if self.warned[reason] <= 3:  # a few examples help; thousands of lines would drown the log
