@@ -28,9 +28,10 @@ TINY = "hidden_size=32,intermediate_size=64,num_hidden_layers=2,num_attention_he
 
 
 def main():
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--steps", type=int, nargs="+", default=[5, 500])
-    parser.add_argument("--workdir", default="/tmp/lmtrain-resume-bench")
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--steps", type=int, nargs="+", default=[5, 500],
+                        help="steps trained before each resume (default: 5 500)")
+    parser.add_argument("--workdir", default="/tmp/lmtrain-resume-bench", help="where the runs are written")
     parser.add_argument("--repeats", type=int, default=3, help="resumes per step count (one step each)")
     options = parser.parse_args()
     root = Path(options.workdir)
