@@ -24,7 +24,7 @@ from lmtrain.arguments import DataArguments
 from lmtrain.data.cleaning import CleaningConfig, clean_batch, cleaning_config, exact_duplicates, near_duplicates
 from lmtrain.data.mixture import empty_sources, mixture_selection
 from lmtrain.data.packing import pack_documents, pack_validation, private_tmp
-from lmtrain.data.sources import (DataError, ReadStats, SourceSpec, read_file, read_hub_dataset,
+from lmtrain.data.sources import (reraise_data_error, DataError, ReadStats, SourceSpec, read_file, read_hub_dataset,
                                   resolve_source_files)
 from lmtrain.data.tokenize import tokenize_table, tokenizer_fingerprint
 
@@ -128,16 +128,7 @@ def _records_dataset(**kwargs) -> datasets.Dataset:
     try:
         return datasets.Dataset.from_generator(_generate_records, features=READ_FEATURES, **kwargs)
     except datasets.exceptions.DatasetGenerationError as err:
-        cause = err.__cause__ or err.__context__
-        while cause is not None:
-            if isinstance(cause, DataError):
-                raise DataError(str(cause)) from err
-            # From worker processes (num_proc > 1) the original exception survives only as traceback text.
-            text = str(cause)
-            if "DataError: " in text:
-                raise DataError(text.rsplit("DataError: ", 1)[1].strip().splitlines()[0]) from err
-            cause = cause.__cause__ or cause.__context__
-        raise
+        reraise_data_error(err)
 
 
 def _source_files(spec: SourceSpec) -> list[str]:

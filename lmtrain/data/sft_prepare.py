@@ -28,7 +28,7 @@ from lmtrain.data.pipeline import _percentiles, _reused, _stamp
 from lmtrain.data.tokenize import tokenizer_fingerprint
 from lmtrain.data.sft import encode_conversation, record_to_messages
 from lmtrain.data.sft_rows import pack_bins, write_rows
-from lmtrain.data.sources import DataError, ReadStats, expand_location, read_hub_records, read_records
+from lmtrain.data.sources import DataError, reraise_data_error, ReadStats, expand_location, read_hub_records, read_records
 from lmtrain.errors import UserError
 
 logger = logging.getLogger(__name__)
@@ -88,20 +88,6 @@ def _raise_no_conversation(path: str, fields: Counter):
                     "Convert the file to one of these formats")
 
 
-def _reraise_data_error(err: Exception):
-    """`datasets` wraps our DataError (in a DatasetGenerationError, or as traceback text from num_proc
-    workers); re-raise it as the one-message error naming file:line."""
-    cause = err
-    while cause is not None:
-        if isinstance(cause, DataError):
-            raise DataError(str(cause)) from err
-        text = str(cause)
-        if "DataError: " in text:
-            raise DataError(text.rsplit("DataError: ", 1)[1].strip().splitlines()[0]) from err
-        cause = cause.__cause__ or cause.__context__
-    raise err
-
-
 RECORD_SUFFIXES = (".jsonl", ".json", ".parquet")
 
 
@@ -131,7 +117,7 @@ def read_sft_files(locations: list[str], split: str, strict: bool, cache_dir: st
             num_proc=workers if workers > 1 else None,
             gen_kwargs={"files": files, "split": split, "strict": strict, "stamps": [_stamp(f) for f in files]})
     except datasets.exceptions.DatasetGenerationError as err:
-        _reraise_data_error(err)
+        reraise_data_error(err)
 
 
 def tokenizer_hash(tokenizer) -> str:
@@ -211,7 +197,7 @@ def encode_records(records: datasets.Dataset, tokenizer, args, fingerprint: str,
     except DataError:
         raise
     except Exception as err:  # noqa: BLE001 - from num_proc workers a DataError may arrive wrapped
-        _reraise_data_error(err)
+        reraise_data_error(err)
 
 
 def validation_mask(count: int, percentage: float, seed: int, evaluate: bool) -> np.ndarray:

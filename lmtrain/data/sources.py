@@ -32,6 +32,20 @@ class DataError(UserError):
     """Bad input that the user must fix; the message names the file, line and field."""
 
 
+def reraise_data_error(err: Exception):
+    """`datasets` wraps our DataError (in a DatasetGenerationError, or, from num_proc workers, as traceback
+    text only); re-raise it as the one-message error naming file:line, or `err` itself if it holds none."""
+    cause = err
+    while cause is not None:
+        if isinstance(cause, DataError):
+            raise DataError(str(cause)) from err
+        text = str(cause)
+        if "DataError: " in text:
+            raise DataError(text.rsplit("DataError: ", 1)[1].strip().splitlines()[0]) from err
+        cause = cause.__cause__ or cause.__context__
+    raise err
+
+
 # Per-source cleaning options end a source spec: `:key=value,key=value`. Every option holds a `=`, which
 # neither a hub config (`name:config`) nor a Windows drive (`C:\\data`) does after its colon.
 _SOURCE_OPTIONS = re.compile(r":([\w.-]+=[^,:=@]*(?:,[\w.-]+=[^,:=@]*)*)$")
