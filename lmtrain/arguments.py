@@ -8,6 +8,7 @@ one way, from the code that does the work to the options, and the options can be
 """
 from __future__ import annotations
 
+import importlib.util
 import logging
 import os
 from dataclasses import dataclass, field
@@ -32,8 +33,10 @@ class ModelArguments:
     model_revision: str = field(default="main", metadata={"help": "Hub revision (branch, tag or commit)."})
     torch_dtype: str | None = field(default=None, metadata={
         "help": "dtype to load pretrained weights in (auto, bfloat16, float32); training precision is --bf16."})
-    attn_implementation: str = field(default="sdpa", metadata={
-        "help": "sdpa, flash_attention_2, flex_attention or eager. All keep packed documents apart."})
+    attn_implementation: str = field(default="auto", metadata={
+        "help": "auto (varlen on a CUDA GPU with PyTorch >= 2.10, else sdpa), varlen (PyTorch's FlashAttention-2 "
+                "variable-length kernel), sdpa, flex_attention, flash_attention_2 or eager. All keep packed "
+                "documents apart."})
     resize_token_embeddings: bool = field(default=False, metadata={
         "help": "Allowed to resize the embeddings of pretrained weights to the tokenizer's vocabulary."})
     trust_remote_code: bool = field(default=False, metadata={"help": "Allow model code from the hub."})
@@ -155,6 +158,10 @@ class TrainArguments(TrainingArguments):
     max_nonfinite_steps: int = field(default=5, metadata={
         "help": "Stop after this many consecutive optimizer steps with a NaN/Inf loss or gradient norm (each is "
                 "skipped: weights and optimizer state unchanged); 0: skip them without ever stopping."})
+    use_liger_kernel: bool = field(default=True, metadata={
+        "help": "Liger's fused Triton kernels on a CUDA GPU: a linear + cross-entropy that never materializes the "
+                "vocabulary-wide logits, RMSNorm, RoPE and SwiGLU. On by default where liger-kernel is installed "
+                "and a GPU is present (off on CPUs); --use_liger_kernel false turns them off."})
     peak_tflops: float | None = field(default=None, metadata={
         "help": "Per-device dense bf16 peak for the MFU estimate (default: known GPUs, e.g. 989 for H100)."})
 
@@ -180,6 +187,10 @@ class TrainArguments(TrainingArguments):
             self.metric_for_best_model, self.greater_is_better = "eval_loss", False
         import torch
 
+        if self.use_liger_kernel and not (torch.cuda.is_available() and not self.use_cpu
+                                          and importlib.util.find_spec("liger_kernel")):
+            # Its kernels are Triton GPU kernels; without them the model's own layers run (same results).
+            self.use_liger_kernel = False
         if self.bf16 and not self.use_cpu and not self.deepspeed and not torch.cuda.is_available():
             # PyTorch runs bf16 autocast on CPUs, but transformers refuses --bf16 there unless told use_cpu.
             logger.info("--bf16 without a GPU: training in bf16 on the CPU (use_cpu)")
@@ -284,3 +295,87 @@ class SFTTrainArguments(TrainArguments):
         "help": "Render each --sample_prompts prompt as a user turn through the chat template (as generate.py "
                 "--chat_template does, so the samples are the answers generate.py and evaluate.py give); "
                 "false: a raw continuation."})
+
+
+# The loss variants of TRL's DPOTrainer (trl 1.16, DPOConfig.loss_type), checked here so a typo fails at parse
+# time rather than at the first step; tests/test_dpo.py checks the list against TRL's.
+DPO_LOSS_TYPES = ("sigmoid", "hinge", "ipo", "exo_pair", "nca_pair", "robust", "bco_pair", "sppo_hard", "aot",
+                  "aot_unpaired", "apo_zero", "apo_down", "discopop", "sft", "sigmoid_norm")
+
+
+@dataclass
+class PreferenceDataArguments:
+    train_files: list[str] = field(default_factory=lambda: ["data/sft_demo/preference_train.jsonl"], metadata={
+        "help": "Preference pairs (jsonl/json/parquet, globs, directories) or hub datasets: records with 'chosen' "
+                "and 'rejected' (strings or message lists) and a 'prompt' (a string or messages), or without "
+                "'prompt' two whole conversations whose shared first messages are the prompt."})
+    validation_files: list[str] | None = field(default=None, metadata={"help": "Held-out preference pairs."})
+    validation_split_percentage: float = field(default=2.0, metadata={
+        "help": "Percent of pairs held out when no --validation_files (seeded); when evaluation is on and this "
+                "holds out none, one pair is held out; at 0 evaluation is refused."})
+    max_length: int = field(default=1024, metadata={
+        "help": "Tokens of prompt + reply, for each of chosen and rejected. Longer pairs: the prompt is kept whole "
+                "when it leaves the replies min(their length, max_length // 4) tokens (else only its last tokens "
+                "up to that), the replies are cut from the end. Truncated pairs are counted, not dropped."})
+    lenient: bool = field(default=True, metadata={
+        "help": "Drop and count bad pairs (malformed JSON, a missing or non-string field, an unknown role, an "
+                "empty reply, chosen identical to rejected) instead of stopping; with false each is an error "
+                "naming file:line."})
+    prepare_seed: int = field(default=1234, metadata={"help": "Seed for the validation split."})
+    max_train_samples: int | None = field(default=None, metadata={
+        "help": "Use at most this many training pairs (a seeded random subset, --prepare_seed)."})
+    max_eval_samples: int | None = field(default=None, metadata={
+        "help": "Use at most this many held-out pairs (a seeded random subset)."})
+
+    def __post_init__(self):
+        if not 0 <= self.validation_split_percentage < 100:
+            raise ValueError("--validation_split_percentage must be in [0, 100)")
+        if self.max_length < 8:
+            raise ValueError("--max_length must be at least 8")
+
+
+@dataclass
+class DPOTrainArguments(TrainArguments):
+    """Preference tuning (TRL's DPOTrainer): DPO defaults for the optimizer, and the DPO loss options. TRL's
+    other DPOConfig options keep TRL's defaults (lmtrain/training/preference.py)."""
+
+    output_dir: str = field(default="outputs/dpo", metadata={"help": "Checkpoints, logs and the final model."})
+    learning_rate: float = field(default=1e-6, metadata={"help": "Peak learning rate (TRL's DPO default)."})
+    weight_decay: float = field(default=0.0, metadata={"help": "AdamW weight decay."})
+    adam_beta2: float = field(default=0.999, metadata={"help": "AdamW beta2."})
+    num_train_epochs: float = field(default=1.0, metadata={"help": "Epochs over the preference pairs."})
+    min_lr_ratio: float = field(default=0.0, metadata={"help": "Cosine decay ends at learning_rate * this."})
+    sample_chat_template: bool = field(default=True, metadata={
+        "help": "Render each --sample_prompts prompt as a user turn through the chat template; false: raw text."})
+    beta: float = field(default=0.1, metadata={
+        "help": "How far the policy may move from the reference: the rewards are beta * (log pi - log pi_ref); "
+                "larger beta keeps it closer. For ipo, the regularization tau."})
+    loss_type: list[str] = field(default_factory=lambda: ["sigmoid"], metadata={
+        "help": f"DPO loss (several: summed with --loss_weights): {', '.join(DPO_LOSS_TYPES)}. sigmoid is the DPO "
+                "paper's, ipo IPO's, hinge SLiC's, robust/exo_pair need --label_smoothing."})
+    loss_weights: list[float] | None = field(default=None, metadata={
+        "help": "One weight per --loss_type (default: 1 each)."})
+    label_smoothing: float = field(default=0.0, metadata={
+        "help": "robust: the probability a pair's preference is flipped, in [0, 0.5); exo_pair: its epsilon."})
+    precompute_ref_log_probs: bool = field(default=False, metadata={
+        "help": "Score every pair with the reference once before training, so no reference model is held during "
+                "training (full fine-tuning then needs one model's memory, not two)."})
+    precompute_ref_batch_size: int | None = field(default=None, metadata={
+        "help": "Batch size of that scoring (default: the train / eval batch size)."})
+
+    def __post_init__(self):
+        if isinstance(self.loss_type, str):
+            self.loss_type = [self.loss_type]
+        unknown = [name for name in self.loss_type if name not in DPO_LOSS_TYPES]
+        if unknown:
+            raise ValueError(f"--loss_type {' '.join(unknown)}: not a DPO loss; choose from {', '.join(DPO_LOSS_TYPES)}")
+        if self.loss_weights is not None and len(self.loss_weights) != len(self.loss_type):
+            raise ValueError(f"--loss_weights: {len(self.loss_weights)} weights for {len(self.loss_type)} "
+                             f"--loss_type entries; give one per loss")
+        if self.beta <= 0:
+            raise ValueError(f"--beta {self.beta}: must be > 0")
+        if "exo_pair" in self.loss_type and self.label_smoothing <= 0:
+            raise ValueError("--loss_type exo_pair needs --label_smoothing > 0 (its epsilon; the EXO paper uses 1e-3)")
+        if "robust" in self.loss_type and not 0 <= self.label_smoothing < 0.5:
+            raise ValueError(f"--label_smoothing {self.label_smoothing}: robust DPO needs a value in [0, 0.5)")
+        super().__post_init__()

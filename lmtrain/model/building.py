@@ -10,7 +10,8 @@ from transformers import AutoConfig, AutoModelForCausalLM, GenerationConfig
 from lmtrain.arguments import ModelArguments
 from lmtrain.locations import load_from
 from lmtrain.model.attention import choose_attention
-from lmtrain.model.config import apply_overrides, check_architecture, resolve_config
+from lmtrain.errors import UserError
+from lmtrain.model.config import apply_overrides, check_architecture, parse_overrides, resolve_config
 from lmtrain.model.flops import count_parameters
 from lmtrain.tokenizer import check_reload_consistency, end_of_turn_token_id
 
@@ -35,7 +36,14 @@ def build_model(args: ModelArguments, tokenizer, dtype: torch.dtype | None = Non
         config = resolve_config(args.config_name or "qwen2-tiny", args.config_overrides, **hub)
         check_architecture(config.to_dict(), f"--config_name {args.config_name or 'qwen2-tiny'}")
         vocab = -(-len(tokenizer) // VOCAB_MULTIPLE) * VOCAB_MULTIPLE
-        if config.vocab_size != vocab:
+        given = _vocab_size_given(args.config_overrides)
+        if given is not None:
+            # Reserved rows (e.g. the 151,936 of Qwen2.5 for a 151,665-token tokenizer) are kept as asked.
+            if given < len(tokenizer):
+                raise UserError(f"--config_overrides vocab_size={given}: the tokenizer has {len(tokenizer)} tokens, "
+                                f"so the embeddings need at least that many rows (leave vocab_size out to get {vocab})")
+            vocab = given
+        elif config.vocab_size != vocab:
             logger.info("vocab_size %d -> %d (the tokenizer's %d tokens, rounded up to a multiple of %d)",
                         config.vocab_size, vocab, len(tokenizer), VOCAB_MULTIPLE)
             config.vocab_size = vocab
@@ -51,6 +59,11 @@ def build_model(args: ModelArguments, tokenizer, dtype: torch.dtype | None = Non
     logger.info("model: %s, %.2fM parameters, attention %s", model.config.model_type,
                 count_parameters(model) / 1e6, model.config._attn_implementation)
     return model
+
+
+def _vocab_size_given(overrides: str | None) -> int | None:
+    pairs = dict(parse_overrides(overrides)) if overrides else {}
+    return int(pairs["vocab_size"]) if "vocab_size" in pairs else None
 
 
 def _check_vocabulary(model, tokenizer, args: ModelArguments):

@@ -34,7 +34,7 @@ def apply_overrides(config, overrides: str | None):
     under their old top-level names and set there. Values take the type of the value they replace."""
     if not overrides:
         return config
-    pairs = _parse_overrides(overrides)
+    pairs = parse_overrides(overrides)
     values = config.to_dict()
     derived_head_dim = (values.get("head_dim") is not None and values.get("num_attention_heads")
                         and values["head_dim"] == values.get("hidden_size", 0) // values["num_attention_heads"])
@@ -73,7 +73,7 @@ ROPE_KEYS = {"rope_theta": 10000.0, "rope_type": "default", "partial_rotary_fact
              "low_freq_factor": 1.0, "high_freq_factor": 1.0, "mscale": 1.0, "mscale_all_dim": 0.0}
 
 
-def _parse_overrides(overrides: str) -> list[tuple[str, str]]:
+def parse_overrides(overrides: str) -> list[tuple[str, str]]:
     pairs = []
     for item in overrides.split(","):
         key, sep, value = item.strip().partition("=")

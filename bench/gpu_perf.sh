@@ -1,0 +1,69 @@
+#!/usr/bin/env bash
+# The one-H200 speed runs of docs/PERFORMANCE.md: our pretraining path (bench/throughput.py) and the classic
+# recipe (.whl/seed_recipe.py) in the same command, so every figure is a ratio to the reference.
+# Run on the GPU machine from the repository root, carrying .whl:
+#   PHASE=speed LOGS=$OUT bash bench/gpu_perf.sh
+# PHASE: speed (the headline rows), candidates (one optimization at a time), loss (fast vs plain path over
+# 200 steps), sft (packed vs padded), memory (largest shapes per ZeRO stage). A device command has 10 minutes.
+source .whl/setup.sh   # before `set -u`: its install pipeline may match nothing
+set -uo pipefail       # not -e: one failed row must not lose the others
+LOGS=${LOGS:-/tmp/gpu-logs}
+PHASE=${PHASE:-speed}
+LIMIT=${LIMIT:-200}    # seconds per row
+mkdir -p "$LOGS"
+RESULTS=$LOGS/results.jsonl
+export LMTRAIN_CACHE=/tmp/lmtrain-cache
+
+ours() {  # ours LABEL [throughput.py options...]
+  local label=$1; shift
+  timeout "$LIMIT" python bench/throughput.py --label "$label" --output_json "$RESULTS" --bf16 \
+    --deepspeed ds_configs/zero2.json --dataloader_num_workers 2 "$@" > "$LOGS/$label.log" 2>&1
+  echo "$label rc=$? $(grep -h RESULT "$LOGS/$label.log" | cut -c1-330)"
+}
+seed() {  # seed LABEL [seed_recipe.py options...]
+  local label=$1; shift
+  timeout "$LIMIT" deepspeed --num_gpus 1 .whl/seed_recipe.py "$@" > "$LOGS/$label.log" 2>&1
+  local rc=$? line; line=$(grep -h RESULT "$LOGS/$label.log" | sed 's/^RESULT //')
+  echo "$label rc=$rc $line"
+  [ -n "$line" ] && echo "{\"label\": \"$label\", \"reference\": $line}" >> "$RESULTS"
+}
+
+case "$PHASE" in
+speed)
+  nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv | tee "$LOGS/gpu.txt"
+  python -c "import torch; from lmtrain.model.attention import varlen_kernel; print('torch', torch.__version__, 'varlen', varlen_kernel() is not None)" | tee -a "$LOGS/gpu.txt"
+  ours smoke --config qwen2-tiny --seq 256 --batch 4 --steps 12 --skip_steps 5
+  timeout 120 python bench/attention_isolation.py --liger > "$LOGS/isolation.log" 2>&1; grep -h ISOLATION "$LOGS/isolation.log"
+  seed seed-1.5b-bs4-gc --arch 1.5b --bs 4 --gc
+  ours fast-1.5b-bs8 --config qwen2.5-1.5b --batch 8 --steps 30
+  ours fast-1.5b-bs16 --config qwen2.5-1.5b --batch 16 --steps 30
+  seed seed-0.5b-bs8-gc --arch 0.5b --bs 8 --gc
+  ours fast-0.5b-bs16 --config qwen2.5-0.5b --batch 16 --steps 30
+  ours fast-0.5b-bs32 --config qwen2.5-0.5b --batch 32 --steps 30
+  ;;
+candidates)
+  seed seed-1.5b-bs4-gc --arch 1.5b --bs 4 --gc
+  ours plain-1.5b-bs4-gc --config qwen2.5-1.5b --batch 4 --steps 30 --gradient_checkpointing \
+    --attn_implementation sdpa --use_liger_kernel false
+  ours noliger-1.5b-bs8 --config qwen2.5-1.5b --batch 8 --steps 30 --use_liger_kernel false
+  ours sdpa-docs-1.5b-bs8 --config qwen2.5-1.5b --batch 8 --steps 30 --doc_length 1024 --attn_implementation sdpa
+  ours flex-docs-1.5b-bs8 --config qwen2.5-1.5b --batch 8 --steps 30 --doc_length 1024 --attn_implementation flex_attention
+  ours varlen-docs-1.5b-bs8 --config qwen2.5-1.5b --batch 8 --steps 30 --doc_length 1024
+  ours compile-1.5b-bs8 --config qwen2.5-1.5b --batch 8 --steps 30 --torch_compile
+  ;;
+loss)
+  ours loss-plain-0.5b --config qwen2.5-0.5b --batch 8 --steps 200 --logging_steps 10 --data markov \
+    --doc_length 512 --gradient_checkpointing --attn_implementation sdpa --use_liger_kernel false
+  ours loss-fast-0.5b --config qwen2.5-0.5b --batch 8 --steps 200 --logging_steps 10 --data markov --doc_length 512
+  ;;
+sft)
+  ours sft-padded --stage sft --config qwen2.5-0.5b --seq 2048 --batch 8 --steps 30 --packing false
+  ours sft-padding-free --stage sft --config qwen2.5-0.5b --seq 2048 --batch 8 --steps 30 --packing false --padding_free true
+  ours sft-packed --stage sft --config qwen2.5-0.5b --seq 2048 --batch 8 --steps 30
+  ;;
+memory)
+  for shape in ${SHAPES:-qwen2.5-1.5b}; do
+    ours "mem-$shape-z2" --config "$shape" --batch 1 --steps 12 --skip_steps 5 ${MEMFLAGS:-}
+  done
+  ;;
+esac
