@@ -18,6 +18,7 @@ from lmtrain.errors import EXIT_USER_ERROR, run_entry_point
 COMMANDS = {
     "pretrain": ("pretrain", "pretrain.py", "pretrain or continue pretraining a causal LM"),
     "sft": ("sft", "sft.py", "supervised fine-tuning on conversations (full or LoRA)"),
+    "dpo": ("dpo", "dpo.py", "preference tuning (DPO, IPO, ...) after SFT (full or LoRA)"),
     "prepare": ("prepare", "data_prep/prepare_pretrain.py", "prepare pretraining data into a dataset directory"),
     "prepare-sft": ("prepare_sft", "data_prep/prepare_sft.py", "prepare SFT data into a dataset directory"),
     "tokenizer": ("tokenizer", "data_prep/train_tokenizer.py", "train a byte-level BPE tokenizer"),

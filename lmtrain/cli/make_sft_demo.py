@@ -6,6 +6,11 @@ Tasks: addition, the next number, repeating a phrase, naming the play a quoted l
 the built-in Shakespeare corpus), and two-turn follow-ups ("And plus 7?"). Some samples carry a system
 prompt. Writes train.jsonl (OpenAI `messages` format) and eval.jsonl (the prompt turns, the expected
 `answer` and the `task`), whose prompts never occur in train.jsonl.
+
+For preference tuning (dpo.py) it also writes preference_train.jsonl and preference_eval.jsonl: pairs of
+{"prompt", "chosen", "rejected"} where chosen is the right answer and rejected a plausible wrong one (off
+by one, a carry missed, the follow-up ignored, a word dropped, another play). The eval pairs are the
+prompts of eval.jsonl, so no held-out prompt is ever trained on, in SFT or DPO.
 """
 from __future__ import annotations
 
@@ -29,6 +34,9 @@ class DemoArguments:
     train_samples: int = field(default=20000, metadata={"help": "Training conversations."})
     eval_per_task: int = field(default=50, metadata={"help": "Held-out prompts per task."})
     seed: int = field(default=0, metadata={"help": "Random seed."})
+    preference_pairs: int = field(default=2000, metadata={
+        "help": "Training preference pairs (preference_train.jsonl); 0: none. Drawn after the SFT data, with "
+                "their own random stream, so train.jsonl / eval.jsonl do not depend on this."})
 
 
 def play_lines(min_chars: int = 30, max_chars: int = 70) -> dict[str, list[str]]:
@@ -71,6 +79,50 @@ def make_task(task: str, rng: random.Random, plays: dict[str, list[str]]) -> tup
 TASKS = ["add", "next_number", "repeat", "which_play", "follow_up"]
 
 
+def wrong_answer(task: str, answer: str, rng: random.Random, plays: dict[str, list[str]]) -> str:
+    """A plausible wrong answer to a task instance: the mistakes a model that almost knows makes."""
+    if task in ("add", "next_number", "follow_up"):
+        value = int(answer)
+        offsets = {"add": [-10, -1, 1, 10], "next_number": [-1, 1], "follow_up": [-1, 1, 2]}[task]
+        wrong = [value + k for k in offsets if value + k >= 0]
+        return str(rng.choice(wrong))
+    if task == "repeat":
+        words = answer.split()
+        if len(words) > 2 and rng.random() < 0.5:
+            del words[rng.randrange(len(words))]  # a word dropped
+        else:
+            i = rng.randrange(len(words))
+            words.insert(i, words[i])  # a word said twice
+        return " ".join(words)
+    if task == "which_play":
+        return rng.choice([title for title in sorted(plays) if title != answer])
+    raise ValueError(task)
+
+
+def write_preference_pairs(out: Path, args, plays: dict[str, list[str]], eval_records: list[dict],
+                           eval_prompts: set[str]) -> int:
+    """preference_train.jsonl (new prompts, never an eval.jsonl one) and preference_eval.jsonl (the eval.jsonl
+    prompts, each with its answer and a wrong one)."""
+    rng = random.Random(args.seed + 1)
+    with open(out / "preference_eval.jsonl", "w", encoding="utf-8") as handle:
+        for record in eval_records:
+            handle.write(json.dumps({"task": record["task"], "prompt": record["messages"], "chosen": record["answer"],
+                                     "rejected": wrong_answer(record["task"], record["answer"], rng, plays)}) + "\n")
+    written = 0
+    with open(out / "preference_train.jsonl", "w", encoding="utf-8") as handle:
+        while written < args.preference_pairs:
+            task = TASKS[written % len(TASKS)]
+            messages, answer = make_task(task, rng, plays)
+            if json.dumps(messages) in eval_prompts:
+                continue
+            if rng.random() < 0.3:
+                messages = [{"role": "system", "content": rng.choice(SYSTEM_PROMPTS)}] + messages
+            handle.write(json.dumps({"task": task, "prompt": messages, "chosen": answer,
+                                     "rejected": wrong_answer(task, answer, rng, plays)}) + "\n")
+            written += 1
+    return written
+
+
 def main(argv=None):
     (args,) = parse_arguments([DemoArguments], argv)
     check_output_directory(args.output_dir)  # before the corpus is read
@@ -78,7 +130,7 @@ def main(argv=None):
     plays = play_lines()
     out = Path(args.output_dir)
     out.mkdir(parents=True, exist_ok=True)
-    eval_prompts = set()
+    eval_prompts, eval_records = set(), []
     with open(out / "eval.jsonl", "w", encoding="utf-8") as handle:
         for task in TASKS:
             written = 0
@@ -88,7 +140,8 @@ def main(argv=None):
                 if key in eval_prompts:
                     continue
                 eval_prompts.add(key)
-                handle.write(json.dumps({"task": task, "messages": messages, "answer": answer}) + "\n")
+                eval_records.append({"task": task, "messages": messages, "answer": answer})
+                handle.write(json.dumps(eval_records[-1]) + "\n")
                 written += 1
     written = 0
     with open(out / "train.jsonl", "w", encoding="utf-8") as handle:
@@ -101,6 +154,8 @@ def main(argv=None):
                 messages = [{"role": "system", "content": rng.choice(SYSTEM_PROMPTS)}] + messages
             handle.write(json.dumps({"messages": messages + [{"role": "assistant", "content": answer}]}) + "\n")
             written += 1
-    print(f"wrote {written} training conversations and {len(eval_prompts)} held-out prompts to {out} "
-          f"({len(plays)} plays for the which_play task)")
+    pairs = write_preference_pairs(out, args, plays, eval_records, eval_prompts) if args.preference_pairs else 0
+    print(f"wrote {written} training conversations, {len(eval_prompts)} held-out prompts and {pairs} training "
+          f"preference pairs (+{len(eval_records) if pairs else 0} held-out) to {out} ({len(plays)} plays for the "
+          f"which_play task)")
 
