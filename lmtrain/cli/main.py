@@ -27,6 +27,7 @@ COMMANDS = {
     "generate": ("generate", "generate.py", "generate text or chat with a model"),
     "export": ("export", "export.py", "export a checkpoint or LoRA run to a Hugging Face / GGUF model"),
     "plot": ("plot", "plot.py", "plot training curves of one or more runs"),
+    "plan": ("plan", "plan.py", "plan a run: parameters, FLOPs, memory per GPU, micro-batch, time and cost"),
 }
 
 

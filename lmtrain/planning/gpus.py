@@ -1,0 +1,138 @@
+"""GPU kinds the planner knows, and the runs this project measured on them: the MFU a plan assumes by default
+comes from these rows, and docs/PLANNER.md checks the memory model against their peaks.
+
+To add a measured run: append a MeasuredRun with its source (file and date). MFU is not typed in: it is
+computed from the tokens/s with lmtrain.model.flops.flops_per_token, the formula of the training log."""
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import functools
+import math
+from dataclasses import dataclass
+
+from lmtrain.errors import UserError
+from lmtrain.model.flops import PEAK_TFLOPS, flops_per_token
+
+# Memory per device as sold (vendor datasheets), GiB. The peak TFLOP/s come from lmtrain.model.flops.PEAK_TFLOPS,
+# matched by the same substring rule as the training log's MFU.
+GPU_MEMORY_GIB = {"H100": 80, "H800": 80, "H200": 141, "B200": 180, "A100-80GB": 80, "A100-40GB": 40,
+                  "A800": 80, "L40S": 48, "4090": 24}
+GPU_ALIASES = {"A100": "A100-80GB", "H100-80GB": "H100", "RTX4090": "4090", "RTX-4090": "4090"}
+
+
+@dataclass(frozen=True)
+class GPUKind:
+    name: str
+    memory_gib: float
+    peak_tflops: float
+
+
+def gpu_kind(name: str) -> GPUKind:
+    """A GPU by name (case and dashes forgiven): H100, H200, A100-40GB, A100-80GB, 4090, ..."""
+    key = name.strip().upper().replace("_", "-")
+    key = GPU_ALIASES.get(key, key)
+    if key not in GPU_MEMORY_GIB:
+        near = difflib.get_close_matches(key, list(GPU_MEMORY_GIB) + list(GPU_ALIASES), n=1, cutoff=0.4)
+        raise UserError(f"--gpu {name}: not a GPU kind the planner knows" + (f" (did you mean {near[0]}?)" if near
+                        else "") + f"; choose one of {', '.join(GPU_MEMORY_GIB)}, or give --gpu_memory_gib and "
+                        "--peak_tflops for another")
+    peak = next(value for sub, value in PEAK_TFLOPS.items() if sub in key)
+    return GPUKind(key, GPU_MEMORY_GIB[key], peak)
+
+
+def kind_of_device_name(device_name: str) -> str | None:
+    """The planner's kind for torch.cuda.get_device_name() ("NVIDIA H100 80GB HBM3" -> "H100")."""
+    upper = device_name.upper()
+    if "A100" in upper:
+        return "A100-40GB" if "40GB" in upper else "A100-80GB"
+    return next((kind for kind in GPU_MEMORY_GIB if kind in upper), None)
+
+
+@dataclass(frozen=True)
+class MeasuredRun:
+    """One run measured on a GPU, as recorded in the cited file."""
+    gpu: str
+    recipe: str               # "lmtrain" (pretrain.py / sft.py) or "seed" (the classic-recipe reference)
+    config: str               # a configs/ name
+    vocab_size: int
+    seq_length: int
+    micro_batch: int
+    gradient_checkpointing: bool
+    strategy: str             # none, zero2, zero3
+    num_gpus: int
+    tokens_per_second: float  # per GPU, steady state
+    peak_memory_gib: float | None
+    packed: bool              # lmtrain rows carry several documents (SDPA gets a mask); the seed's do not
+    fused_adam: bool          # the DeepSpeed config has an optimizer section (FusedAdam)
+    fused_cross_entropy: bool
+    source: str
+
+    def shape(self):
+        return run_shape(self)
+
+    def mfu(self, peak_tflops: float) -> float:
+        shape = self.shape()
+        flops = flops_per_token(shape.parameters(), shape.num_layers, shape.hidden_size, self.seq_length)
+        return self.tokens_per_second * flops / (peak_tflops * 1e12)
+
+
+@functools.lru_cache(maxsize=None)
+def run_shape(run: MeasuredRun):
+    from lmtrain.model.config import resolve_config
+    from lmtrain.planning.shape import shape_of
+
+    return dataclasses.replace(shape_of(resolve_config(run.config)), vocab_size=run.vocab_size)
+
+
+GPU_RUNS = "docs/GPU_RUNS.md (2026-11-22, one H100 80GB HBM3)"
+SHARED_README = "../shared/gpu/README.md (2026-11, classic recipe)"
+_0_5B = dict(config="qwen2.5-0.5b", seq_length=2048)
+_1_5B = dict(config="qwen2.5-1.5b", seq_length=2048, vocab_size=151936, micro_batch=4, recipe="seed", packed=False,
+             fused_adam=True, peak_memory_gib=None)
+MEASURED_RUNS = (
+    # Steps 20-30 of the ZeRO-2 run: 50.4k-52.3k tokens/s, the midpoint here.
+    MeasuredRun("H100", "lmtrain", vocab_size=32000, micro_batch=8, gradient_checkpointing=True, strategy="zero2",
+                num_gpus=1, tokens_per_second=51350, peak_memory_gib=11.77, packed=True, fused_adam=False,
+                fused_cross_entropy=False, source=GPU_RUNS, **_0_5B),
+    MeasuredRun("H100", "lmtrain", vocab_size=32000, micro_batch=8, gradient_checkpointing=True, strategy="zero3",
+                num_gpus=1, tokens_per_second=25350, peak_memory_gib=12.49, packed=True, fused_adam=False,
+                fused_cross_entropy=False, source=GPU_RUNS + ", ZeRO-3: 23.6k-27.1k tokens/s", **_0_5B),
+    MeasuredRun("H100", "lmtrain", config="qwen2.5-0.5b", vocab_size=32000, seq_length=512, micro_batch=16,
+                gradient_checkpointing=False, strategy="zero2", num_gpus=1, tokens_per_second=47500,
+                peak_memory_gib=19.35, packed=True, fused_adam=False, fused_cross_entropy=False,
+                source=GPU_RUNS + ", full SFT: 41k-54k row-tokens/s"),
+    MeasuredRun("H100", "seed", vocab_size=151936, micro_batch=8, gradient_checkpointing=True, strategy="zero2",
+                num_gpus=1, tokens_per_second=49764, peak_memory_gib=35.1, packed=False, fused_adam=True,
+                fused_cross_entropy=False, source=GPU_RUNS + ", reference run", **_0_5B),
+    MeasuredRun("H100", gradient_checkpointing=True, strategy="zero2", num_gpus=1, tokens_per_second=20400,
+                fused_cross_entropy=False, source=SHARED_README, **_1_5B),
+    MeasuredRun("H100", gradient_checkpointing=False, strategy="zero2", num_gpus=1, tokens_per_second=26100,
+                fused_cross_entropy=True, source=SHARED_README + ", Liger kernels", **_1_5B),
+    MeasuredRun("H200", gradient_checkpointing=True, strategy="zero2", num_gpus=1, tokens_per_second=23200,
+                fused_cross_entropy=False, source=SHARED_README, **_1_5B),
+    MeasuredRun("H200", gradient_checkpointing=True, strategy="zero2", num_gpus=2, tokens_per_second=25500,
+                fused_cross_entropy=False, source=SHARED_README, **_1_5B),
+    MeasuredRun("H200", gradient_checkpointing=True, strategy="zero3", num_gpus=2, tokens_per_second=12900,
+                fused_cross_entropy=False, source=SHARED_README, **_1_5B),
+    MeasuredRun("H200", "seed", vocab_size=151936, micro_batch=8, gradient_checkpointing=True, strategy="zero2",
+                num_gpus=2, tokens_per_second=57200, peak_memory_gib=None, packed=False, fused_adam=True,
+                fused_cross_entropy=False, source=SHARED_README, **_0_5B),
+)
+
+
+def default_mfu_run(gpu: str, strategy: str, gradient_checkpointing: bool, parameters: int,
+                    exclude: MeasuredRun | None = None) -> MeasuredRun | None:
+    """The measured run a plan takes its MFU from: the same GPU kind, then, in this order of preference, the same
+    ZeRO stage (ZeRO-3 on few GPUs runs at half the speed), lmtrain's own scripts over the reference recipe, the
+    same checkpointing choice, the nearest model size. None: nothing measured on this kind."""
+    candidates = [run for run in MEASURED_RUNS if run.gpu == gpu and run is not exclude]
+    if not candidates:
+        return None
+    stage = "zero3" if strategy.startswith("zero3") else strategy
+
+    def preference(run: MeasuredRun):
+        size = run.shape().parameters()
+        return (run.strategy != stage, run.recipe != "lmtrain", run.gradient_checkpointing != gradient_checkpointing,
+                abs(math.log(size / max(parameters, 1))))
+    return min(candidates, key=preference)
