@@ -14,7 +14,7 @@ import sys
 import dataclasses
 from dataclasses import asdict
 
-from transformers import HfArgumentParser
+from transformers import HfArgumentParser, TrainingArguments
 
 from lmtrain.errors import UserError
 
@@ -197,18 +197,31 @@ def parse_arguments(dataclass_types, argv: list[str] | None = None):
     config_path, argv = split_config_file(argv)
     argv = translate_legacy_flags(argv)
     parser = HfArgumentParser(dataclass_types)
+    config_values = read_config_file(config_path) if config_path else {}
+    training = any(issubclass(t, TrainingArguments) for t in dataclass_types)
+    batch_choice = None
+    if training:  # --per_device_train_batch_size auto, --global_batch_size: numbers before TrainingArguments exists
+        from lmtrain.planning.auto_batch import GLOBAL_HELP, resolve_batch_flags
+
+        parser.add_argument("--global_batch_size", type=int, default=None, help=GLOBAL_HELP)
+        argv, config_values, batch_choice = resolve_batch_flags(dataclass_types, argv, config_values)
     from_config = {}
     if config_path:
-        from_config = _config_defaults(parser, read_config_file(config_path), config_path)
+        from_config = _config_defaults(parser, config_values, config_path)
         parser.set_defaults(**from_config)
     try:
         parsed = parser.parse_args_into_dataclasses(args=argv, look_for_args_file=False)
+        parsed = [options for options in parsed if dataclasses.is_dataclass(options)]  # the --global_batch_size
         given = set(from_config) | _given_on_command_line(parser, argv)
         for options in parsed:
             names = {f.name for f in dataclasses.fields(options)}
             object.__setattr__(options, EXPLICIT_ATTRIBUTE, frozenset(given & names))
             if hasattr(options, "check_explicit_options"):
                 options.check_explicit_options()
+            if batch_choice and isinstance(options, TrainingArguments):
+                from lmtrain.planning.auto_batch import CHOICE_ATTRIBUTE
+
+                object.__setattr__(options, CHOICE_ATTRIBUTE, batch_choice)  # logged by start_run
         return parsed
     except UserError:
         raise

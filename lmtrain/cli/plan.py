@@ -29,7 +29,7 @@ from lmtrain.planning.arguments import PlanArguments
 from lmtrain.planning.gpus import GPU_MEMORY_GIB, GPUKind, default_mfu_run, gpu_kind
 from lmtrain.planning.memory import (GIB, STRATEGIES, TrainingSetup, estimate_memory, largest_micro_batch,
                                      setup_from_deepspeed)
-from lmtrain.planning.shape import shape_of
+from lmtrain.planning.shape import shape_of_run
 
 logger = logging.getLogger("plan")
 
@@ -44,7 +44,7 @@ def main(argv=None):
         raise UserError("--attn_implementation eager saves the full attention matrix, which the planner does not "
                         "model; plan with sdpa (the default), flash_attention_2 or flex_attention")
     tokenizer = load_tokenizer_if_needed(model_args, args)
-    shape = model_shape(model_args, tokenizer)
+    shape = shape_of_run(model_args, tokenizer)
     gpu = resolve_gpu(args)
     plan = {"model": model_section(model_args, shape)}
 
@@ -80,17 +80,6 @@ def load_tokenizer_if_needed(model_args, args):
     from lmtrain.tokenizer import load_tokenizer
 
     return load_tokenizer(name, cache_dir=model_args.cache_dir, revision=model_args.model_revision)
-
-
-def model_shape(model_args, tokenizer):
-    from lmtrain.model.building import VOCAB_MULTIPLE
-    from lmtrain.training.preflight import model_config
-
-    config = model_config(model_args)
-    if tokenizer is not None and model_args.config_name:
-        # as build_model does: a from-scratch vocabulary is the tokenizer's, rounded up
-        config.vocab_size = -(-len(tokenizer) // VOCAB_MULTIPLE) * VOCAB_MULTIPLE
-    return shape_of(config)
 
 
 def resolve_gpu(args) -> GPUKind:

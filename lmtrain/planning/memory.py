@@ -12,11 +12,11 @@ The moments (the peak is the largest; its terms add up to the reported total):
 
 Saved activations per token and layer of a LLaMA/Qwen2 decoder layer with SDPA, in bytes (H hidden, I
 intermediate, q = heads x head_dim, k = the key/value width SDPA receives, n = heads):
-- bf16 weights (DeepSpeed): each RMSNorm saves its fp32 upcast (4H) and the normalised bf16 input of its
-  weight multiply (2H); the q/k/v and gate/up inputs (2H each, shared); RoPE saves nothing sizeable
-  (cos/sin need no gradient); SDPA saves q, k, v, its output (2 bytes) and the fp32 log-sum-exp (4n); the
-  output's contiguous copy feeds o_proj (2q); the MLP saves gate, silu(gate), up and their product (2I each):
-  22H + 6q + 4k + 4n + 8I with q = H.
+- bf16 weights (DeepSpeed): each RMSNorm saves its fp32 upcast (4H), its fp32 rsqrt (4) and the normalised
+  bf16 input of its weight multiply (2H); the q/k/v and gate/up inputs (2H each, shared); RoPE saves only
+  cos/sin (per position, shared); SDPA saves q, k, v, its output (2 bytes; the output is laid out
+  token-major, so o_proj reads it without a copy) and the fp32 log-sum-exp (4n); the MLP saves gate,
+  silu(gate), up and their product (2I each): 16H + 8 + 4q + 4k + 4n + 8I.
 - fp32 weights with bf16 autocast (no DeepSpeed): the residual stream stays fp32, so each norm saves 8H, and
   every linear saves its own bf16 cast of the norm's output (3 x 2H for q/k/v, 2 x 2H for gate/up).
 - fp32: every saved tensor at 4 bytes.
@@ -83,11 +83,17 @@ def layer_activation_bytes(shape: ModelShape, setup: TrainingSetup) -> float:
     k = q if setup.packed else shape.kv_dim
     lse = 4 * n
     kind = regime(setup)
+    norms = 2 * NORM_BYTES[kind](h)
     if kind == "bf16":
-        return 2 * (4 * h + 2 * h) + 2 * (2 * h) + 2 * q + 2 * 2 * k + lse + 2 * q + 2 * q + 4 * 2 * i
+        return norms + 2 * (2 * h) + 2 * q + 2 * 2 * k + lse + 2 * q + 4 * 2 * i
     if kind == "autocast":
-        return 2 * (4 * h + 4 * h) + 5 * (2 * h) + 2 * q + 2 * 2 * k + lse + 2 * q + 2 * q + 4 * 2 * i
-    return 2 * (4 * h + 4 * h) + 2 * (4 * h) + 4 * q + 4 * 2 * k + lse + 4 * q + 4 * q + 4 * 4 * i
+        return norms + 5 * (2 * h) + 2 * q + 2 * 2 * k + lse + 2 * q + 4 * 2 * i
+    return norms + 2 * (4 * h) + 4 * q + 4 * 2 * k + lse + 4 * q + 4 * 4 * i
+
+
+# What one RMSNorm saves per token: the fp32 input of its variance (4H: the upcast copy, or the fp32 input
+# itself), the fp32 rsqrt (4), and the input of its weight multiply (bf16 2H under bf16 weights, else fp32 4H).
+NORM_BYTES = {"bf16": lambda h: 4 * h + 4 + 2 * h, "autocast": lambda h: 8 * h + 4, "fp32": lambda h: 8 * h + 4}
 
 
 def residual_bytes(setup: TrainingSetup) -> int:
@@ -100,18 +106,21 @@ def activation_terms(shape: ModelShape, setup: TrainingSetup) -> tuple[float, fl
     tokens = setup.micro_batch * setup.seq_length
     h, v = shape.hidden_size, shape.vocab_size
     res = residual_bytes(setup)
-    final_norm = 8 * h if regime(setup) != "bf16" else 6 * h
-    head_input = 4 * h if regime(setup) == "fp32" else 2 * h
+    kind = regime(setup)
+    final_norm = NORM_BYTES[kind](h)
+    head_input = 4 * h if kind == "fp32" else 2 * h
+    # RoPE's cos and sin, one pair per position shared by the rows and the layers (in the residual dtype)
+    rope = setup.seq_length * 2 * shape.head_dim * res
     inputs = 3 * 8  # input_ids, labels, position_ids: int64
     per_layer = layer_activation_bytes(shape, setup)
     layers = shape.num_layers * (res * h if setup.gradient_checkpointing else per_layer)
     mask = setup.micro_batch * setup.seq_length ** 2 if setup.packed else 0
-    saved = tokens * (layers + final_norm + head_input + inputs) + mask
+    saved = tokens * (layers + final_norm + head_input + inputs) + mask + rope
     if setup.fused_cross_entropy:
         # liger's fused linear cross-entropy: per chunk of about tokens*H/V rows, the chunk's logits (<= 2x
         # tokens*H elements after rounding the chunk up to a power of two), the input gradient it stores in the
         # forward (tokens*H) and the head's weight gradient (V*H), in the activation dtype.
-        act = 4 if regime(setup) == "fp32" else 2
+        act = 4 if kind == "fp32" else 2
         logits = tokens * 3 * h * act + v * h * act
     else:
         logits = tokens * 12 * v

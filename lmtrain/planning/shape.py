@@ -78,3 +78,15 @@ def shape_of(config) -> ModelShape:
         qkv_bias=model_type == "qwen2" or bool(getattr(config, "attention_bias", False)),
         o_bias=model_type in ("llama", "qwen3") and bool(getattr(config, "attention_bias", False)),
         mlp_bias=bool(getattr(config, "mlp_bias", False)), qk_norm=model_type == "qwen3")
+
+
+def shape_of_run(model_args, tokenizer=None) -> ModelShape:
+    """The shape of the model a training run would build: its config (lmtrain.training.preflight.model_config:
+    a small file, no weights) and, from scratch, the tokenizer's vocabulary rounded up as build_model does."""
+    from lmtrain.model.building import VOCAB_MULTIPLE
+    from lmtrain.training.preflight import model_config
+
+    config = model_config(model_args)
+    if tokenizer is not None and not model_args.model_name_or_path:
+        config.vocab_size = -(-len(tokenizer) // VOCAB_MULTIPLE) * VOCAB_MULTIPLE
+    return shape_of(config)

@@ -27,6 +27,9 @@ def start_run(model_args, training_args, row_length: int | None, row_flag: str, 
     init must repeat across runs) and the resolved options written next to the checkpoints."""
     logging.basicConfig(level=logging.INFO if training_args.process_index == 0 else logging.WARNING,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s", force=True)
+    choice = getattr(training_args, "batch_size_choice", None)  # lmtrain.planning.auto_batch.CHOICE_ATTRIBUTE
+    if choice:
+        logging.getLogger("lmtrain.batch_size").info("%s", choice)
     finished = completed_run(training_args)  # a requeued finished run: change nothing
     if finished is not None:
         return RunStart(finished.get("metrics", {}), None)
