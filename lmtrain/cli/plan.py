@@ -27,8 +27,8 @@ from lmtrain.errors import UserError
 from lmtrain.planning import compute
 from lmtrain.planning.arguments import PlanArguments
 from lmtrain.planning.gpus import GPU_MEMORY_GIB, GPUKind, default_mfu_run, gpu_kind
-from lmtrain.planning.memory import (GIB, STRATEGIES, TrainingSetup, estimate_memory, largest_micro_batch,
-                                     setup_from_deepspeed)
+from lmtrain.planning.memory import (GIB, STRATEGIES, TrainingSetup, attention_layout, estimate_memory,
+                                     largest_micro_batch, setup_from_deepspeed)
 from lmtrain.planning.shape import shape_of_run
 
 logger = logging.getLogger("plan")
@@ -56,7 +56,8 @@ def main(argv=None):
     flops_token = compute.training_flops_per_token(shape, seq_length)
     rows_per_step = args.per_device_train_batch_size * args.gradient_accumulation_steps * args.num_gpus
     tokens_per_step = rows_per_step * seq_length
-    plan["compute"], total_tokens = compute_section(args, shape, flops_token, tokens_per_step, dataset_tokens, gpu)
+    plan["compute"], total_tokens = compute_section(args, shape, flops_token, tokens_per_step, dataset_tokens, gpu,
+                                                    setup.liger)
     plan["memory"] = memory_section(shape, setup, gpu, args)
     plan["time"] = time_section(args, shape, setup, gpu, flops_token, tokens_per_step, total_tokens)
 
@@ -120,23 +121,23 @@ def dataset_section(args, tokenizer, seq_length: int):
 
 
 def training_setup(args, seq_length: int, attention: str) -> TrainingSetup:
+    liger = args.use_liger_kernel
     fields = setup_from_deepspeed(args.deepspeed) if args.deepspeed else {"strategy": "none"}
     if args.strategy:
         fields["strategy"] = args.strategy
+    fused = liger if args.fused_cross_entropy is None else args.fused_cross_entropy
     return TrainingSetup(micro_batch=args.per_device_train_batch_size, seq_length=seq_length,
                          precision=args.precision, num_gpus=args.num_gpus,
-                         gradient_checkpointing=args.gradient_checkpointing,
-                         fused_cross_entropy=args.fused_cross_entropy,
-                         # packed rows reach SDPA as a mask (k/v heads repeated); flash/flex read position_ids
-                         packed=attention == "sdpa", **fields)
+                         gradient_checkpointing=args.gradient_checkpointing, fused_cross_entropy=fused, liger=liger,
+                         **attention_layout(attention), **fields)
 
 
-def compute_section(args, shape, flops_token, tokens_per_step, dataset_tokens, gpu):
+def compute_section(args, shape, flops_token, tokens_per_step, dataset_tokens, gpu, liger: bool):
     section = {"flops_per_token": flops_token, "chinchilla_optimal_tokens": compute.chinchilla_tokens(
         shape.parameters()), "tokens_per_step": tokens_per_step}
     budget = compute.parse_amount(args.compute_budget, "--compute_budget")
     if args.gpu_hours:
-        mfu = args.mfu or planned_mfu(args, shape, gpu)[0]
+        mfu = args.mfu or planned_mfu(args, shape, gpu, liger)[0]
         if mfu is None:
             raise UserError(f"--gpu_hours needs an MFU to turn hours into FLOPs and nothing was measured on "
                             f"{gpu.name}: pass --mfu (e.g. 0.3)")
@@ -177,12 +178,12 @@ def memory_section(shape, setup, gpu, args) -> dict:
     return section
 
 
-def planned_mfu(args, shape, gpu):
+def planned_mfu(args, shape, gpu, liger: bool):
     """(MFU, where it came from): --mfu, else the measured run default_mfu_run picks on this GPU kind."""
     if args.mfu:
         return args.mfu, "--mfu"
     strategy = args.strategy or (setup_from_deepspeed(args.deepspeed)["strategy"] if args.deepspeed else "none")
-    run = default_mfu_run(gpu.name, strategy, args.gradient_checkpointing, shape.parameters())
+    run = default_mfu_run(gpu.name, strategy, args.gradient_checkpointing, shape.parameters(), liger)
     if run is None:
         return None, f"nothing measured on {gpu.name}"
     return run.mfu(gpu.peak_tflops), (f"{run.recipe} {run.config} (vocab {run.vocab_size}), {run.strategy}, "
@@ -192,7 +193,7 @@ def planned_mfu(args, shape, gpu):
 
 
 def time_section(args, shape, setup, gpu, flops_token, tokens_per_step, total_tokens) -> dict:
-    mfu, source = planned_mfu(args, shape, gpu)
+    mfu, source = planned_mfu(args, shape, gpu, setup.liger)
     if mfu is None or (setup.precision == "fp32" and not args.mfu):
         why = source if mfu is None else "the measured MFUs are of bf16 runs; for fp32 pass --mfu"
         return {"skipped": why}

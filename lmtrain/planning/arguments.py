@@ -48,9 +48,11 @@ class PlanArguments:
     strategy: str | None = field(default=None, metadata={
         "help": f"The run's memory strategy, one of {', '.join(STRATEGIES)} (default: from --deepspeed, else none). "
                 "Memory is shown for every strategy; time and the micro-batch search use this one."})
-    fused_cross_entropy: bool = field(default=False, metadata={
-        "help": "liger-kernel's fused linear cross-entropy (--use_liger_kernel): no logits tensor."})
-    use_liger_kernel: bool = field(default=False, metadata={"help": "The same as --fused_cross_entropy."})
+    use_liger_kernel: bool = field(default=True, metadata={
+        "help": "Liger's kernels, as pretrain.py runs them on a GPU with liger-kernel installed (its default): a "
+                "fused linear cross-entropy (no logits tensor), RMSNorm, SwiGLU and RoPE that save less."})
+    fused_cross_entropy: bool | None = field(default=None, metadata={
+        "help": "Only the fused linear cross-entropy, on or off (default: as --use_liger_kernel)."})
     num_gpus: int = field(default=1, metadata={"help": "Data-parallel GPUs (ZeRO partitions over them)."})
     gpu: str = field(default="H100", metadata={
         "help": "GPU kind: H100, H200, H800, B200, A100-80GB, A100-40GB, A800, L40S, 4090."})
@@ -92,7 +94,6 @@ class PlanArguments:
                 raise ValueError(f"--global_batch_size {self.global_batch_size} is not a multiple of "
                                  f"--per_device_train_batch_size x --num_gpus = {per_step}")
             self.gradient_accumulation_steps = self.global_batch_size // per_step
-        self.fused_cross_entropy = self.fused_cross_entropy or self.use_liger_kernel
 
     @property
     def seq_length(self) -> int:

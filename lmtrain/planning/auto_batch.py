@@ -11,6 +11,8 @@ The choice and its reason are logged when the run starts (lmtrain.training.run.s
 from __future__ import annotations
 
 import argparse
+import importlib.util
+import inspect
 import os
 
 from lmtrain.errors import UserError
@@ -25,10 +27,10 @@ GLOBAL_HELP = ("Rows per optimizer step over all processes: sets gradient_accumu
 
 TRAINING_FLAGS = {"per_device_train_batch_size": str, "global_batch_size": int, "gradient_accumulation_steps": int,
                   "deepspeed": str, "bf16": bool, "fp16": bool, "gradient_checkpointing": bool,
-                  "use_liger_kernel": bool, "attn_implementation": str}
+                  "use_liger_kernel": bool}
 
 
-def _training_flags(argv: list[str], config_values: dict) -> dict:
+def training_flags(argv: list[str], config_values: dict) -> dict:
     """The few training flags the choice depends on, from the config file and then the command line."""
     from transformers.hf_argparser import string_to_bool
 
@@ -46,7 +48,7 @@ def _training_flags(argv: list[str], config_values: dict) -> dict:
 
 def resolve_batch_flags(dataclass_types, argv: list[str], config_values: dict):
     """(argv, config values, message or None): "auto" and --global_batch_size turned into the numbers they mean."""
-    flags = _training_flags(argv, config_values)
+    flags = training_flags(argv, config_values)
     per_device, global_batch = flags["per_device_train_batch_size"], flags["global_batch_size"]
     auto = str(per_device).strip().lower() == AUTO
     if not auto and global_batch is None:
@@ -105,17 +107,25 @@ def fitting_micro_batch(dataclass_types, argv, config_values, flags, world) -> t
         revision=model_args.model_revision)
     shape = shape_of_run(model_args, tokenizer)
     fields = setup_from_deepspeed(flags["deepspeed"]) if flags["deepspeed"] else {"strategy": "none"}
+    from lmtrain.model.attention import choose_attention, varlen_kernel
+    from lmtrain.planning.memory import attention_layout
+
+    # as this machine will build the model: the attention it resolves to, Liger where ModelArguments keeps it on
+    attention = choose_attention(model_args.attn_implementation)
+    kernel = varlen_kernel() if attention == "varlen" else None
+    has_gqa = kernel is not None and "enable_gqa" in inspect.signature(kernel).parameters
+    # as TrainArguments resolves --use_liger_kernel (default on) on a GPU: on where liger-kernel is installed
+    liger = flags["use_liger_kernel"] is not False and importlib.util.find_spec("liger_kernel") is not None
     setup = TrainingSetup(micro_batch=1, seq_length=row_length, precision="bf16" if flags["bf16"] or flags["fp16"]
                           else "fp32", num_gpus=world, gradient_checkpointing=bool(flags["gradient_checkpointing"]),
-                          fused_cross_entropy=bool(flags["use_liger_kernel"]),
-                          packed=(flags["attn_implementation"] or model_args.attn_implementation) == "sdpa", **fields)
+                          fused_cross_entropy=liger, liger=liger, **attention_layout(attention, has_gqa), **fields)
     name, total = gpu
     usable = total * (1 - MEMORY_HEADROOM)
     fit = largest_micro_batch(shape, setup, usable)
     one = estimate_memory(shape, setup).total / GIB
     where = (f"{name} {total / GIB:.1f} GiB, {usable / GIB:.1f} usable; "
              f"{setup.strategy}, {setup.precision}, rows of {row_length}, checkpointing "
-             f"{'on' if setup.gradient_checkpointing else 'off'}")
+             f"{'on' if setup.gradient_checkpointing else 'off'}, {attention} attention, Liger {'on' if liger else 'off'}")
     if fit == 0:
         raise UserError(f"--per_device_train_batch_size auto: not even a micro-batch of 1 fits ({one:.1f} GiB "
                         f"estimated; {where}). Turn on --gradient_checkpointing, use a higher ZeRO stage "

@@ -63,10 +63,19 @@ class MeasuredRun:
     num_gpus: int
     tokens_per_second: float  # per GPU, steady state
     peak_memory_gib: float | None
-    packed: bool              # lmtrain rows carry several documents (SDPA gets a mask); the seed's do not
+    attention_mask: bool      # SDPA on lmtrain's packed rows gets a mask and repeats k/v heads; the seed's not
     fused_adam: bool          # the DeepSpeed config has an optimizer section (FusedAdam)
-    fused_cross_entropy: bool
+    liger: bool               # Liger kernels (fused linear cross-entropy, RMSNorm, SwiGLU, RoPE)
     source: str
+
+    def setup(self):
+        """The run as a memory-model TrainingSetup."""
+        from lmtrain.planning.memory import TrainingSetup
+
+        return TrainingSetup(self.micro_batch, self.seq_length, strategy=self.strategy, num_gpus=self.num_gpus,
+                             gradient_checkpointing=self.gradient_checkpointing, fused_cross_entropy=self.liger,
+                             liger=self.liger, attention_mask=self.attention_mask, repeat_kv=self.attention_mask,
+                             fused_adam=self.fused_adam)
 
     def shape(self):
         return run_shape(self)
@@ -88,44 +97,44 @@ def run_shape(run: MeasuredRun):
 GPU_RUNS = "docs/GPU_RUNS.md (2026-11-22, one H100 80GB HBM3)"
 SHARED_README = "../shared/gpu/README.md (2026-11, classic recipe)"
 _0_5B = dict(config="qwen2.5-0.5b", seq_length=2048)
-_1_5B = dict(config="qwen2.5-1.5b", seq_length=2048, vocab_size=151936, micro_batch=4, recipe="seed", packed=False,
+_1_5B = dict(config="qwen2.5-1.5b", seq_length=2048, vocab_size=151936, micro_batch=4, recipe="seed", attention_mask=False,
              fused_adam=True, peak_memory_gib=None)
 MEASURED_RUNS = (
     # Steps 20-30 of the ZeRO-2 run: 50.4k-52.3k tokens/s, the midpoint here.
     MeasuredRun("H100", "lmtrain", vocab_size=32000, micro_batch=8, gradient_checkpointing=True, strategy="zero2",
-                num_gpus=1, tokens_per_second=51350, peak_memory_gib=11.77, packed=True, fused_adam=False,
-                fused_cross_entropy=False, source=GPU_RUNS, **_0_5B),
+                num_gpus=1, tokens_per_second=51350, peak_memory_gib=11.77, attention_mask=True, fused_adam=False,
+                liger=False, source=GPU_RUNS, **_0_5B),
     MeasuredRun("H100", "lmtrain", vocab_size=32000, micro_batch=8, gradient_checkpointing=True, strategy="zero3",
-                num_gpus=1, tokens_per_second=25350, peak_memory_gib=12.49, packed=True, fused_adam=False,
-                fused_cross_entropy=False, source=GPU_RUNS + ", ZeRO-3: 23.6k-27.1k tokens/s", **_0_5B),
+                num_gpus=1, tokens_per_second=25350, peak_memory_gib=12.49, attention_mask=True, fused_adam=False,
+                liger=False, source=GPU_RUNS + ", ZeRO-3: 23.6k-27.1k tokens/s", **_0_5B),
     MeasuredRun("H100", "lmtrain", config="qwen2.5-0.5b", vocab_size=32000, seq_length=512, micro_batch=16,
                 gradient_checkpointing=False, strategy="zero2", num_gpus=1, tokens_per_second=47500,
-                peak_memory_gib=19.35, packed=True, fused_adam=False, fused_cross_entropy=False,
+                peak_memory_gib=19.35, attention_mask=True, fused_adam=False, liger=False,
                 source=GPU_RUNS + ", full SFT: 41k-54k row-tokens/s"),
     MeasuredRun("H100", "seed", vocab_size=151936, micro_batch=8, gradient_checkpointing=True, strategy="zero2",
-                num_gpus=1, tokens_per_second=49764, peak_memory_gib=35.1, packed=False, fused_adam=True,
-                fused_cross_entropy=False, source=GPU_RUNS + ", reference run", **_0_5B),
+                num_gpus=1, tokens_per_second=49764, peak_memory_gib=35.1, attention_mask=False, fused_adam=True,
+                liger=False, source=GPU_RUNS + ", reference run", **_0_5B),
     MeasuredRun("H100", gradient_checkpointing=True, strategy="zero2", num_gpus=1, tokens_per_second=20400,
-                fused_cross_entropy=False, source=SHARED_README, **_1_5B),
+                liger=False, source=SHARED_README, **_1_5B),
     MeasuredRun("H100", gradient_checkpointing=False, strategy="zero2", num_gpus=1, tokens_per_second=26100,
-                fused_cross_entropy=True, source=SHARED_README + ", Liger kernels", **_1_5B),
+                liger=True, source=SHARED_README + ", Liger kernels", **_1_5B),
     MeasuredRun("H200", gradient_checkpointing=True, strategy="zero2", num_gpus=1, tokens_per_second=23200,
-                fused_cross_entropy=False, source=SHARED_README, **_1_5B),
+                liger=False, source=SHARED_README, **_1_5B),
     MeasuredRun("H200", gradient_checkpointing=True, strategy="zero2", num_gpus=2, tokens_per_second=25500,
-                fused_cross_entropy=False, source=SHARED_README, **_1_5B),
+                liger=False, source=SHARED_README, **_1_5B),
     MeasuredRun("H200", gradient_checkpointing=True, strategy="zero3", num_gpus=2, tokens_per_second=12900,
-                fused_cross_entropy=False, source=SHARED_README, **_1_5B),
+                liger=False, source=SHARED_README, **_1_5B),
     MeasuredRun("H200", "seed", vocab_size=151936, micro_batch=8, gradient_checkpointing=True, strategy="zero2",
-                num_gpus=2, tokens_per_second=57200, peak_memory_gib=None, packed=False, fused_adam=True,
-                fused_cross_entropy=False, source=SHARED_README, **_0_5B),
+                num_gpus=2, tokens_per_second=57200, peak_memory_gib=None, attention_mask=False, fused_adam=True,
+                liger=False, source=SHARED_README, **_0_5B),
 )
 
 
-def default_mfu_run(gpu: str, strategy: str, gradient_checkpointing: bool, parameters: int,
+def default_mfu_run(gpu: str, strategy: str, gradient_checkpointing: bool, parameters: int, liger: bool = False,
                     exclude: MeasuredRun | None = None) -> MeasuredRun | None:
     """The measured run a plan takes its MFU from: the same GPU kind, then, in this order of preference, the same
     ZeRO stage (ZeRO-3 on few GPUs runs at half the speed), lmtrain's own scripts over the reference recipe, the
-    same checkpointing choice, the nearest model size. None: nothing measured on this kind."""
+    same checkpointing choice, the same Liger choice, the nearest model size. None: nothing measured on this kind."""
     candidates = [run for run in MEASURED_RUNS if run.gpu == gpu and run is not exclude]
     if not candidates:
         return None
@@ -134,5 +143,5 @@ def default_mfu_run(gpu: str, strategy: str, gradient_checkpointing: bool, param
     def preference(run: MeasuredRun):
         size = run.shape().parameters()
         return (run.strategy != stage, run.recipe != "lmtrain", run.gradient_checkpointing != gradient_checkpointing,
-                abs(math.log(size / max(parameters, 1))))
+                run.liger != liger, abs(math.log(size / max(parameters, 1))))
     return min(candidates, key=preference)

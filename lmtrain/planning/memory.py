@@ -46,7 +46,9 @@ class TrainingSetup:
     num_gpus: int = 1                   # data-parallel ranks that ZeRO partitions over
     gradient_checkpointing: bool = False
     fused_cross_entropy: bool = False   # liger-kernel's fused linear cross-entropy: no logits tensor
-    packed: bool = True                 # rows hold several documents: SDPA gets a mask, k/v heads repeated
+    liger: bool = False                 # liger's RMSNorm, SwiGLU and RoPE kernels (save less; see below)
+    attention_mask: bool = True         # SDPA on packed rows gets a B x T x T mask (and repeats k/v heads)
+    repeat_kv: bool = True              # k/v heads repeated to the query heads before the kernel
     fused_adam: bool = False            # DeepSpeed's FusedAdam (an "optimizer" section): no step temporaries
     reduce_bucket_size: float | None = None   # ZeRO gradient bucket, elements (None: the ds_configs value)
     max_live_parameters: float = 1e9          # ZeRO-3 stage3_max_live_parameters
@@ -70,6 +72,18 @@ class MemoryEstimate:
                 "cpu_memory_gib_per_process": round(self.cpu_bytes / GIB, 2)}
 
 
+def attention_layout(attention: str, kernel_has_gqa: bool | None = None) -> dict:
+    """TrainingSetup's attention_mask / repeat_kv for an lmtrain run (packed rows) with this attention:
+    sdpa is given a mask built from position_ids, so transformers repeats the k/v heads; varlen repeats them
+    unless the kernel takes enable_gqa (unknown when planning on another machine: assumed not); flash-attn and
+    flex read the documents without a dense mask and take grouped heads. "auto" is varlen, as on a GPU."""
+    if attention == "sdpa":
+        return {"attention_mask": True, "repeat_kv": True}
+    if attention in ("varlen", "auto"):
+        return {"attention_mask": False, "repeat_kv": not kernel_has_gqa}
+    return {"attention_mask": False, "repeat_kv": False}
+
+
 def regime(setup: TrainingSetup) -> str:
     """The dtypes activations are saved in: bf16 weights under DeepSpeed, fp32 weights + autocast without."""
     if setup.precision == "fp32":
@@ -80,15 +94,17 @@ def regime(setup: TrainingSetup) -> str:
 def layer_activation_bytes(shape: ModelShape, setup: TrainingSetup) -> float:
     """Bytes saved for backward per token by one decoder layer (module docstring)."""
     h, i, q, n = shape.hidden_size, shape.intermediate_size, shape.q_dim, shape.num_heads
-    k = q if setup.packed else shape.kv_dim
-    lse = 4 * n
+    k = q if setup.repeat_kv else shape.kv_dim
     kind = regime(setup)
-    norms = 2 * NORM_BYTES[kind](h)
-    if kind == "bf16":
-        return norms + 2 * (2 * h) + 2 * q + 2 * 2 * k + lse + 2 * q + 4 * 2 * i
-    if kind == "autocast":
-        return norms + 5 * (2 * h) + 2 * q + 2 * 2 * k + lse + 2 * q + 4 * 2 * i
-    return norms + 2 * (4 * h) + 4 * q + 4 * 2 * k + lse + 4 * q + 4 * 4 * i
+    a = 4 if kind == "fp32" else 2                     # matmul outputs: bf16 (weights or autocast) or fp32
+    # liger's RMSNorm saves its input (the residual stream) and rstd only, not an fp32 copy
+    norm = residual_bytes(setup) * h + 4 if setup.liger else NORM_BYTES[kind](h)
+    # q/k/v read one saved norm output, gate/up another; under autocast each linear saves its own bf16 cast
+    linear_inputs = 5 * 2 * h if kind == "autocast" else 2 * a * h
+    attention = a * q + 2 * a * k + a * q + 4 * n      # q, k, v and the output in the kernel's dtype, fp32 lse
+    # gate, silu(gate), up and their product; liger's SwiGLU recomputes silu in the backward
+    mlp = a * i * (3 if setup.liger else 4)
+    return 2 * norm + linear_inputs + attention + mlp
 
 
 # What one RMSNorm saves per token: the fp32 input of its variance (4H: the upcast copy, or the fp32 input
@@ -107,14 +123,14 @@ def activation_terms(shape: ModelShape, setup: TrainingSetup) -> tuple[float, fl
     h, v = shape.hidden_size, shape.vocab_size
     res = residual_bytes(setup)
     kind = regime(setup)
-    final_norm = NORM_BYTES[kind](h)
+    final_norm = res * h + 4 if setup.liger else NORM_BYTES[kind](h)
     head_input = 4 * h if kind == "fp32" else 2 * h
     # RoPE's cos and sin, one pair per position shared by the rows and the layers (in the residual dtype)
     rope = setup.seq_length * 2 * shape.head_dim * res
     inputs = 3 * 8  # input_ids, labels, position_ids: int64
     per_layer = layer_activation_bytes(shape, setup)
     layers = shape.num_layers * (res * h if setup.gradient_checkpointing else per_layer)
-    mask = setup.micro_batch * setup.seq_length ** 2 if setup.packed else 0
+    mask = setup.micro_batch * setup.seq_length ** 2 if setup.attention_mask else 0
     saved = tokens * (layers + final_norm + head_input + inputs) + mask + rope
     if setup.fused_cross_entropy:
         # liger's fused linear cross-entropy: per chunk of about tokens*H/V rows, the chunk's logits (<= 2x
