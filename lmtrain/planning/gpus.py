@@ -133,8 +133,9 @@ MEASURED_RUNS = (
 def default_mfu_run(gpu: str, strategy: str, gradient_checkpointing: bool, parameters: int, liger: bool = False,
                     exclude: MeasuredRun | None = None) -> MeasuredRun | None:
     """The measured run a plan takes its MFU from: the same GPU kind, then, in this order of preference, the same
-    ZeRO stage (ZeRO-3 on few GPUs runs at half the speed), lmtrain's own scripts over the reference recipe, the
-    same checkpointing choice, the same Liger choice, the nearest model size. None: nothing measured on this kind."""
+    ZeRO stage (ZeRO-3 on one or two GPUs ran at half the speed), lmtrain's own scripts over the reference recipe
+    (a plan is for an lmtrain run), the same checkpointing choice (its recomputed forward is work the MFU formula
+    does not count) and Liger choice, the nearest model size. None: nothing measured on this kind."""
     candidates = [run for run in MEASURED_RUNS if run.gpu == gpu and run is not exclude]
     if not candidates:
         return None

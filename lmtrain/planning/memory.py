@@ -28,6 +28,7 @@ token), and its backward holds that, the incoming gradient and its own output: 1
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 
 from lmtrain.planning.shape import ModelShape
@@ -124,7 +125,8 @@ def activation_terms(shape: ModelShape, setup: TrainingSetup) -> tuple[float, fl
     res = residual_bytes(setup)
     kind = regime(setup)
     final_norm = res * h + 4 if setup.liger else NORM_BYTES[kind](h)
-    head_input = 4 * h if kind == "fp32" else 2 * h
+    # the LM head's saved input (a fused cross-entropy keeps the input's gradient instead, counted in logits)
+    head_input = 0 if setup.fused_cross_entropy else (4 * h if kind == "fp32" else 2 * h)
     # RoPE's cos and sin, one pair per position shared by the rows and the layers (in the residual dtype)
     rope = setup.seq_length * 2 * shape.head_dim * res
     inputs = 3 * 8  # input_ids, labels, position_ids: int64
@@ -133,11 +135,13 @@ def activation_terms(shape: ModelShape, setup: TrainingSetup) -> tuple[float, fl
     mask = setup.micro_batch * setup.seq_length ** 2 if setup.attention_mask else 0
     saved = tokens * (layers + final_norm + head_input + inputs) + mask + rope
     if setup.fused_cross_entropy:
-        # liger's fused linear cross-entropy: per chunk of about tokens*H/V rows, the chunk's logits (<= 2x
-        # tokens*H elements after rounding the chunk up to a power of two), the input gradient it stores in the
-        # forward (tokens*H) and the head's weight gradient (V*H), in the activation dtype.
-        act = 4 if kind == "fp32" else 2
-        logits = tokens * 3 * h * act + v * h * act
+        # liger's fused linear cross-entropy (liger_kernel/ops/fused_linear_cross_entropy.py) runs the head in
+        # chunks inside the forward and keeps what the backward needs: the input's gradient (tokens x H, the
+        # head's input is then not saved) and the weight's (V x H, the weights' dtype), an fp32 loss per token,
+        # and one chunk of logits: next_pow2(ceil(tokens / ceil(V / H))) rows (at most tokens) of V.
+        chunk = min(tokens, 1 << max(0, math.ceil(math.log2(math.ceil(tokens / math.ceil(v / h))))))
+        weight_bytes = 4 if setup.strategy == "none" or kind == "fp32" else 2
+        logits = tokens * (res * h + 4) + chunk * v * res + v * h * weight_bytes
     else:
         logits = tokens * 12 * v
     working = tokens * (per_layer + 2 * res * h) if setup.gradient_checkpointing else 0
