@@ -137,7 +137,7 @@ def compute_section(args, shape, flops_token, tokens_per_step, dataset_tokens, g
         shape.parameters()), "tokens_per_step": tokens_per_step}
     budget = compute.parse_amount(args.compute_budget, "--compute_budget")
     if args.gpu_hours:
-        mfu = args.mfu or planned_mfu(args, shape, gpu, liger)[0]
+        mfu = planned_mfu(args, shape, gpu, liger)[0]
         if mfu is None:
             raise UserError(f"--gpu_hours needs an MFU to turn hours into FLOPs and nothing was measured on "
                             f"{gpu.name}: pass --mfu (e.g. 0.3)")
@@ -179,27 +179,34 @@ def memory_section(shape, setup, gpu, args) -> dict:
 
 
 def planned_mfu(args, shape, gpu, liger: bool):
-    """(MFU, where it came from): --mfu, else the measured run default_mfu_run picks on this GPU kind."""
+    """(MFU, where it came from, how that run differs from this plan): --mfu, else the measured run that
+    default_mfu_run picks on this GPU kind."""
     if args.mfu:
-        return args.mfu, "--mfu"
+        return args.mfu, "--mfu", []
     strategy = args.strategy or (setup_from_deepspeed(args.deepspeed)["strategy"] if args.deepspeed else "none")
     run = default_mfu_run(gpu.name, strategy, args.gradient_checkpointing, shape.parameters(), liger)
     if run is None:
-        return None, f"nothing measured on {gpu.name}"
-    return run.mfu(gpu.peak_tflops), (f"{run.recipe} {run.config} (vocab {run.vocab_size}), {run.strategy}, "
-                                      f"micro-batch {run.micro_batch} x {run.seq_length}, checkpointing "
-                                      f"{'on' if run.gradient_checkpointing else 'off'}, {run.num_gpus} GPU(s), "
-                                      f"{run.tokens_per_second:,.0f} tokens/s: {run.source}")
+        return None, f"nothing measured on {gpu.name}", []
+    differences = [f"{what} {theirs} there, {ours} here" for what, theirs, ours in (
+        ("ZeRO", run.strategy, strategy), ("checkpointing", run.gradient_checkpointing, args.gradient_checkpointing),
+        ("Liger", run.liger, liger)) if theirs != ours and not (what == "ZeRO" and ours.startswith(theirs))]
+    if differences:  # the MFU carries over badly across these (docs/PLANNER.md, validation)
+        logger.warning("the default MFU comes from a run that differs from this plan (%s): pass --mfu for a "
+                       "better figure", "; ".join(differences))
+    source = (f"{run.recipe} {run.config} (vocab {run.vocab_size}), {run.strategy}, micro-batch {run.micro_batch} x "
+              f"{run.seq_length}, checkpointing {'on' if run.gradient_checkpointing else 'off'}, {run.num_gpus} "
+              f"GPU(s), {run.tokens_per_second:,.0f} tokens/s: {run.source}")
+    return run.mfu(gpu.peak_tflops), source, differences
 
 
 def time_section(args, shape, setup, gpu, flops_token, tokens_per_step, total_tokens) -> dict:
-    mfu, source = planned_mfu(args, shape, gpu, setup.liger)
+    mfu, source, differences = planned_mfu(args, shape, gpu, setup.liger)
     if mfu is None or (setup.precision == "fp32" and not args.mfu):
         why = source if mfu is None else "the measured MFUs are of bf16 runs; for fp32 pass --mfu"
         return {"skipped": why}
     result = compute.throughput(flops_token, mfu, gpu.peak_tflops, args.num_gpus, tokens_per_step, total_tokens,
                                 args.price_per_gpu_hour)
-    return {"mfu": round(mfu, 4), "mfu_from": source, "peak_tflops": gpu.peak_tflops, "num_gpus": args.num_gpus,
+    return {"mfu": round(mfu, 4), "mfu_from": source, "mfu_run_differs": differences, "peak_tflops": gpu.peak_tflops, "num_gpus": args.num_gpus,
             **result.to_dict()}
 
 
