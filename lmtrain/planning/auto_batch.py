@@ -156,8 +156,11 @@ def _model_and_row_length(dataclass_types, argv, config_values):
     known = {action.dest for action in parser._actions}
     parser.set_defaults(**{k: v for k, v in config_values.items() if k in known})
     parsed = parser.parse_args_into_dataclasses(args=argv, return_remaining_strings=True, look_for_args_file=False)
-    model_args = next(p for p in parsed if hasattr(p, "config_name"))
-    data_args = next(p for p in parsed if hasattr(p, "dataset_path"))
+    model_args = next((p for p in parsed if hasattr(p, "config_name")), None)
+    data_args = next((p for p in parsed if hasattr(p, "dataset_path")), None)
+    if model_args is None or data_args is None:  # e.g. dpo.py: a policy and a reference, not what is planned
+        raise UserError("--per_device_train_batch_size auto sizes pretraining and SFT runs (pretrain.py, sft.py); "
+                        "give a number for this command")
     row_length = getattr(data_args, "block_size", None) or getattr(data_args, "max_length")
     if data_args.dataset_path:
         import datasets
