@@ -185,13 +185,16 @@ def test_plan_writes_json_and_its_figures_agree(tmp_path, capsys):
     setup = TrainingSetup(largest, 2048, strategy="zero2", num_gpus=8, gradient_checkpointing=True,
                           **attention_layout("sdpa"))
     usable = 80 * GIB * 0.9
-    assert estimate_memory(shape, setup).total <= usable < estimate_memory(shape, replace(setup, micro_batch=largest + 1)).total
+    one_more = replace(setup, micro_batch=largest + 1)
+    assert estimate_memory(shape, setup).total <= usable < estimate_memory(shape, one_more).total
     time = written["time"]
-    assert time["tokens_per_second_per_gpu"] == pytest.approx(time["mfu"] * 989e12 / written["compute"]["flops_per_token"], rel=1e-3)
+    expected = time["mfu"] * 989e12 / written["compute"]["flops_per_token"]
+    assert time["tokens_per_second_per_gpu"] == pytest.approx(expected, rel=1e-3)
     assert time["cost"] == pytest.approx(2 * time["gpu_hours"])
     assert time["gpu_hours"] == pytest.approx(1e10 / time["tokens_per_second_per_gpu"] / 3600, rel=1e-3)
     assert "largest micro-batch" in capsys.readouterr().out
-    with_liger = main(["--config_name", "qwen2.5-0.5b", "--block_size", "2048", "--bf16", "--output_dir", str(tmp_path)])
+    with_liger = main(["--config_name", "qwen2.5-0.5b", "--block_size", "2048", "--bf16", "--output_dir",
+                       str(tmp_path)])
     unfused = plan["memory"]["strategies"]["none"]["terms_gib"]["logits"]  # 12 bytes x vocabulary per token
     assert with_liger["memory"]["strategies"]["none"]["terms_gib"]["logits"] < unfused / 10  # no logits tensor
 
@@ -287,6 +290,17 @@ def test_auto_batch_on_a_gpu_takes_the_largest_fitting_micro_batch(tmp_path, mon
     monkeypatch.setattr(auto_batch, "visible_gpu", lambda: ("tiny", 2 ** 28))
     with pytest.raises(UserError, match="not even a micro-batch of 1 fits"):
         _parse_training(argv, tmp_path)
+
+
+def test_auto_batch_is_refused_for_preference_tuning(tmp_path, monkeypatch):
+    from lmtrain.arguments import DPOTrainArguments, LoraArguments, ModelArguments, PreferenceDataArguments
+    from lmtrain.cli.parsing import parse_arguments
+    from lmtrain.planning import auto_batch
+
+    monkeypatch.setattr(auto_batch, "visible_gpu", lambda: ("NVIDIA H100 80GB HBM3", 80 * 2 ** 30))
+    with pytest.raises(UserError, match="sizes pretraining and SFT runs"):
+        parse_arguments([ModelArguments, PreferenceDataArguments, LoraArguments, DPOTrainArguments],
+                        ["--per_device_train_batch_size", "auto", "--output_dir", str(tmp_path)])
 
 
 def test_global_batch_that_does_not_divide_is_refused(tmp_path):

@@ -206,7 +206,8 @@ def time_section(args, shape, setup, gpu, flops_token, tokens_per_step, total_to
         return {"skipped": why}
     result = compute.throughput(flops_token, mfu, gpu.peak_tflops, args.num_gpus, tokens_per_step, total_tokens,
                                 args.price_per_gpu_hour)
-    return {"mfu": round(mfu, 4), "mfu_from": source, "mfu_run_differs": differences, "peak_tflops": gpu.peak_tflops, "num_gpus": args.num_gpus,
+    return {"mfu": round(mfu, 4), "mfu_from": source, "mfu_run_differs": differences,
+            "peak_tflops": gpu.peak_tflops, "num_gpus": args.num_gpus,
             **result.to_dict()}
 
 
@@ -219,7 +220,8 @@ def summary(plan: dict, setup: TrainingSetup) -> str:
              f"Chinchilla-optimal tokens {comp['chinchilla_optimal_tokens']:.4g}"]
     if "compute_optimal" in comp:
         best = comp["compute_optimal"]
-        lines.append(f"compute budget {best['compute_flops']:.4g} FLOPs: compute-optimal {best['parameters'] / 1e6:,.0f}M "
+        lines.append(f"compute budget {best['compute_flops']:.4g} FLOPs: compute-optimal "
+                     f"{best['parameters'] / 1e6:,.0f}M "
                      f"parameters on {best['tokens']:.4g} tokens; this model gets {comp['tokens_the_budget_buys']:.4g} "
                      "tokens")
     lines.append(f"tokens {comp['train_tokens']:.4g} ({comp['train_tokens_from']}), {comp['optimizer_steps']:,} steps "
@@ -246,7 +248,8 @@ def summary(plan: dict, setup: TrainingSetup) -> str:
         lines.append(f"\ntime: not estimated ({time['skipped']})")
     else:
         cost = f", cost {time['cost']:,.0f}" if time["cost"] is not None else ""
-        lines.append(f"\ntime at MFU {time['mfu']:.1%} ({time['mfu_from']}):\n  {time['tokens_per_second_per_gpu']:,.0f} "
+        lines.append(f"\ntime at MFU {time['mfu']:.1%} ({time['mfu_from']}):\n  "
+                     f"{time['tokens_per_second_per_gpu']:,.0f} "
                      f"tokens/s per GPU, {time['step_seconds']:.3g} s per step, {time['gpu_hours']:,.1f} GPU-hours, "
                      f"{time['wall_hours']:,.1f} h on {time['num_gpus']} GPU(s){cost}")
     return "\n".join(lines)

@@ -125,7 +125,8 @@ def fitting_micro_batch(dataclass_types, argv, config_values, flags, world) -> t
     one = estimate_memory(shape, setup).total / GIB
     where = (f"{name} {total / GIB:.1f} GiB, {usable / GIB:.1f} usable; "
              f"{setup.strategy}, {setup.precision}, rows of {row_length}, checkpointing "
-             f"{'on' if setup.gradient_checkpointing else 'off'}, {attention} attention, Liger {'on' if liger else 'off'}")
+             f"{'on' if setup.gradient_checkpointing else 'off'}, {attention} attention, "
+             f"Liger {'on' if liger else 'off'}")
     if fit == 0:
         raise UserError(f"--per_device_train_batch_size auto: not even a micro-batch of 1 fits ({one:.1f} GiB "
                         f"estimated; {where}). Turn on --gradient_checkpointing, use a higher ZeRO stage "

@@ -97,7 +97,8 @@ def run_shape(run: MeasuredRun):
 GPU_RUNS = "docs/GPU_RUNS.md (2026-11-22, one H100 80GB HBM3)"
 SHARED_README = "../shared/gpu/README.md (2026-11, classic recipe)"
 _0_5B = dict(config="qwen2.5-0.5b", seq_length=2048)
-_1_5B = dict(config="qwen2.5-1.5b", seq_length=2048, vocab_size=151936, micro_batch=4, recipe="seed", attention_mask=False,
+_1_5B = dict(config="qwen2.5-1.5b", seq_length=2048, vocab_size=151936, micro_batch=4, recipe="seed",
+             attention_mask=False,
              fused_adam=True, peak_memory_gib=None)
 MEASURED_RUNS = (
     # Steps 20-30 of the ZeRO-2 run: 50.4k-52.3k tokens/s, the midpoint here.

@@ -43,7 +43,8 @@ def main():
     for run, predicted in memory_rows():
         print(f"| {describe(run)} | {run.peak_memory_gib:.2f} | {predicted:.2f} | "
               f"{predicted / run.peak_memory_gib - 1:+.1%} | {run.source} |")
-    print("\n| run | measured tokens/s | MFU taken from | predicted tokens/s | error |\n| --- | --- | --- | --- | --- |")
+    print("\n| run | measured tokens/s | MFU taken from | predicted tokens/s | error |\n"
+          "| --- | --- | --- | --- | --- |")
     for run, source, predicted in throughput_rows():
         if source is None:
             print(f"| {describe(run)} | {run.tokens_per_second:,.0f} | nothing else measured on {run.gpu} | - | - |")
