@@ -97,3 +97,10 @@ def test_zero2_and_zero3_on_the_cpu_train_the_same_steps(inputs, uninterrupted):
         for straight, sharded in zip(uninterrupted, rows):
             assert sharded == pytest.approx(straight, rel=1e-3, abs=1e-4), stage
         assert (inputs / stage / "model.safetensors").exists()
+
+
+def test_precomputed_reference_log_probs_train_like_the_reference_model(inputs, uninterrupted, tmp_path):
+    trainer, _ = dpo.main(run_args(inputs, tmp_path / "precomputed", "--precompute_ref_log_probs"))
+    assert trainer.ref_model is None  # no second model during training
+    for with_model, precomputed in zip(uninterrupted, step_rows(tmp_path / "precomputed")):
+        assert precomputed == pytest.approx(with_model, rel=1e-4, abs=1e-5)
