@@ -200,10 +200,11 @@ def planned_mfu(args, shape, gpu, liger: bool):
 
 
 def time_section(args, shape, setup, gpu, flops_token, tokens_per_step, total_tokens) -> dict:
+    if setup.precision == "fp32" and not args.mfu:
+        return {"skipped": "the measured MFUs are of bf16 runs; for fp32 pass --mfu (or plan with --bf16)"}
     mfu, source, differences = planned_mfu(args, shape, gpu, setup.liger)
-    if mfu is None or (setup.precision == "fp32" and not args.mfu):
-        why = source if mfu is None else "the measured MFUs are of bf16 runs; for fp32 pass --mfu"
-        return {"skipped": why}
+    if mfu is None:
+        return {"skipped": f"{source}: pass --mfu"}
     result = compute.throughput(flops_token, mfu, gpu.peak_tflops, args.num_gpus, tokens_per_step, total_tokens,
                                 args.price_per_gpu_hour)
     return {"mfu": round(mfu, 4), "mfu_from": source, "mfu_run_differs": differences,

@@ -67,6 +67,10 @@ class MeasuredRun:
     fused_adam: bool          # the DeepSpeed config has an optimizer section (FusedAdam)
     liger: bool               # Liger kernels (fused linear cross-entropy, RMSNorm, SwiGLU, RoPE)
     source: str
+    config_overrides: str | None = None
+    # False: never a plan's default MFU (a 27M-parameter model's step is bound by per-step overhead, not by
+    # its matmuls: its MFU of 1-3% says nothing about the models people plan)
+    mfu_reference: bool = True
 
     def setup(self):
         """The run as a memory-model TrainingSetup."""
@@ -91,11 +95,16 @@ def run_shape(run: MeasuredRun):
     from lmtrain.model.config import resolve_config
     from lmtrain.planning.shape import shape_of
 
-    return dataclasses.replace(shape_of(resolve_config(run.config)), vocab_size=run.vocab_size)
+    return dataclasses.replace(shape_of(resolve_config(run.config, run.config_overrides)), vocab_size=run.vocab_size)
 
 
 GPU_RUNS = "docs/GPU_RUNS.md (2026-11-22, one H100 80GB HBM3)"
 SHARED_README = "../shared/gpu/README.md (2026-11, classic recipe)"
+DEMO_LOG = "docs/gpu_logs/demo_gpu.log (2026-11-22, one H100, scripts/demo.sh; tokens/s: median of the logged windows)"
+_DEMO = dict(config="qwen2-tiny", vocab_size=4096, micro_batch=32, gradient_checkpointing=False, strategy="zero2",
+             num_gpus=1, attention_mask=True, fused_adam=False, liger=False, mfu_reference=False,
+             config_overrides="hidden_size=512,intermediate_size=1536,num_hidden_layers=8,num_attention_heads=8,"
+                              "num_key_value_heads=4")
 _0_5B = dict(config="qwen2.5-0.5b", seq_length=2048)
 _1_5B = dict(config="qwen2.5-1.5b", seq_length=2048, vocab_size=151936, micro_batch=4, recipe="seed",
              attention_mask=False,
@@ -112,6 +121,10 @@ MEASURED_RUNS = (
                 gradient_checkpointing=False, strategy="zero2", num_gpus=1, tokens_per_second=47500,
                 peak_memory_gib=19.35, attention_mask=True, fused_adam=False, liger=False,
                 source=GPU_RUNS + ", full SFT: 41k-54k row-tokens/s"),
+    MeasuredRun("H100", "lmtrain", seq_length=512, tokens_per_second=170300, peak_memory_gib=4.49,
+                source=DEMO_LOG + ", pretraining", **_DEMO),
+    MeasuredRun("H100", "lmtrain", seq_length=256, tokens_per_second=86865, peak_memory_gib=2.8,
+                source=DEMO_LOG + ", SFT", **_DEMO),
     MeasuredRun("H100", "seed", vocab_size=151936, micro_batch=8, gradient_checkpointing=True, strategy="zero2",
                 num_gpus=1, tokens_per_second=49764, peak_memory_gib=35.1, attention_mask=False, fused_adam=True,
                 liger=False, source=GPU_RUNS + ", reference run", **_0_5B),
@@ -137,7 +150,7 @@ def default_mfu_run(gpu: str, strategy: str, gradient_checkpointing: bool, param
     ZeRO stage (ZeRO-3 on one or two GPUs ran at half the speed), lmtrain's own scripts over the reference recipe
     (a plan is for an lmtrain run), the same checkpointing choice (its recomputed forward is work the MFU formula
     does not count) and Liger choice, the nearest model size. None: nothing measured on this kind."""
-    candidates = [run for run in MEASURED_RUNS if run.gpu == gpu and run is not exclude]
+    candidates = [run for run in MEASURED_RUNS if run.gpu == gpu and run.mfu_reference and run is not exclude]
     if not candidates:
         return None
     stage = "zero3" if strategy.startswith("zero3") else strategy
