@@ -248,8 +248,14 @@ def test_prepared_directory_segments(tmp_path, prepare_data, tiny_tokenizer):
     dataset, report = prepare_data([corpus], block_size=256, clean=False)
     save_prepared(dataset, report, str(tmp_path / "prepared"), tiny_tokenizer)
     lengths, _ = prepared_lengths(str(tmp_path / "prepared"), None)
-    assert sorted(lengths.tolist()) == sorted(len(tiny_tokenizer("alpha beta " * n)["input_ids"]) + 1
-                                              for n in (3, 7, 11))
+    expected = sorted(len(tiny_tokenizer("alpha beta " * n)["input_ids"]) + 1 for n in (3, 7, 11))
+    assert sorted(lengths.tolist()) == expected
+    from lmtrain.cli.plan import main
+
+    plan = main(["--config_name", "qwen2-tiny", "--dataset_path", str(tmp_path / "prepared"), "--bf16",
+                 "--output_dir", str(tmp_path / "plan")])
+    assert plan["dataset"]["row_length"] == 256 and plan["compute"]["tokens_per_step"] == 8 * 256
+    assert plan["dataset"]["tokens"] == sum(expected) == plan["compute"]["train_tokens"]
 
 
 def _parse_training(argv, tmp_path):

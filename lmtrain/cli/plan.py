@@ -42,7 +42,7 @@ def main(argv=None):
                         "--model_name_or_path DIR")
     if model_args.attn_implementation == "eager":
         raise UserError("--attn_implementation eager saves the full attention matrix, which the planner does not "
-                        "model; plan with sdpa (the default), flash_attention_2 or flex_attention")
+                        "model; plan with auto (the default: varlen), varlen, sdpa, flash_attention_2 or flex_attention")
     tokenizer = load_tokenizer_if_needed(model_args, args)
     shape = shape_of_run(model_args, tokenizer)
     gpu = resolve_gpu(args)
@@ -101,10 +101,7 @@ def dataset_section(args, tokenizer, seq_length: int):
 
     if args.dataset_path:
         values, dropped = L.prepared_lengths(args.dataset_path, args.max_samples)
-        import datasets
-
-        rows = datasets.load_from_disk(args.dataset_path)["train"]
-        seq_length = max(len(ids) for ids in rows.select(range(min(len(rows), 1000)))["input_ids"])
+        seq_length = L.prepared_row_length(args.dataset_path)
     elif args.stage == "sft":
         values, dropped = L.raw_sft_lengths(args.train_files, tokenizer, args.max_samples)
     else:

@@ -164,10 +164,9 @@ def _model_and_row_length(dataclass_types, argv, config_values):
                         "give a number for this command")
     row_length = getattr(data_args, "block_size", None) or getattr(data_args, "max_length")
     if data_args.dataset_path:
-        import datasets
+        from lmtrain.planning.lengths import prepared_row_length
 
-        rows = datasets.load_from_disk(data_args.dataset_path)["train"]
-        row_length = max(len(ids) for ids in rows.select(range(min(len(rows), 1000)))["input_ids"])
+        row_length = prepared_row_length(data_args.dataset_path)
     return model_args, row_length
 
 

@@ -98,6 +98,18 @@ def prepared_lengths(path: str, limit: int | None):
     return (lengths[:limit] if limit else lengths), 0
 
 
+def prepared_row_length(path: str) -> int:
+    """The row length of a prepared directory's training rows (the longest of the first 1,000: packed rows all
+    have it, unpacked SFT rows are padded to the batch's longest)."""
+    import datasets
+
+    if not (Path(path) / "dataset_dict.json").exists():
+        raise UserError(f"--dataset_path {path}: not a prepared directory (no dataset_dict.json); make one with "
+                        "data_prep/prepare_pretrain.py or data_prep/prepare_sft.py")
+    rows = datasets.load_from_disk(path)["train"]
+    return max(len(ids) for ids in rows.select(range(min(len(rows), 1000)))["input_ids"])
+
+
 def _local_files(locations: list[str]) -> list[str]:
     from lmtrain.data.sources import expand_location
 

@@ -20,11 +20,15 @@ intermediate, q = heads x head_dim, k = the key/value width SDPA receives, n = h
 - fp32 weights with bf16 autocast (no DeepSpeed): the residual stream stays fp32, so each norm saves 8H, and
   every linear saves its own bf16 cast of the norm's output (3 x 2H for q/k/v, 2 x 2H for gate/up).
 - fp32: every saved tensor at 4 bytes.
-k is the key/value width (kv heads x head_dim) when SDPA runs GQA itself, and q when transformers repeats the
-key/value heads first, which it does whenever an attention mask is passed: packed rows (lmtrain's
-position_ids) make that mask, B x T x T booleans per micro-batch.
+- Liger's kernels (lmtrain's default on GPUs): each RMSNorm saves its input and rstd only (2H + 4 under bf16
+  weights), SwiGLU keeps gate and up and recomputes silu (3 x 2I with the product down_proj saves).
+k is the key/value width (kv heads x head_dim) when the kernel takes grouped heads, and q when the heads are
+repeated first: transformers does for SDPA whenever a mask is passed, and packed rows (lmtrain's position_ids)
+make that mask, B x T x T booleans per micro-batch; the varlen kernel reads the documents from position_ids
+(no mask) and repeats unless it takes enable_gqa.
 Logits without a fused loss: the bf16 (or fp32) logits are upcast, log_softmax saves its fp32 output (4V per
-token), and its backward holds that, the incoming gradient and its own output: 12V bytes per token.
+token), and its backward holds that, the incoming gradient and its own output: 12V bytes per token. The fused
+linear cross-entropy's buffers are in activation_terms.
 """
 from __future__ import annotations
 
