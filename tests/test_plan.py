@@ -209,6 +209,17 @@ def test_compute_budget_gives_the_compute_optimal_size(tmp_path):
     assert plan["compute"]["train_tokens_from"] == "the compute budget"
 
 
+def test_gpu_hours_budget_and_fp32_time(tmp_path):
+    from lmtrain.cli.plan import main
+
+    plan = main(["--config_name", "qwen2.5-0.5b", "--gpu_hours", "100", "--mfu", "0.3", "--bf16", "--gpu", "H200",
+                 "--output_dir", str(tmp_path)])
+    assert plan["compute"]["compute_optimal"]["compute_flops"] == pytest.approx(100 * 3600 * 989e12 * 0.3)
+    assert plan["time"]["gpu_hours"] == pytest.approx(100, rel=1e-6)  # the tokens it buys take the hours it has
+    fp32 = main(["--config_name", "qwen2.5-0.5b", "--output_dir", str(tmp_path)])
+    assert "pass --mfu" in fp32["time"]["skipped"]
+
+
 def test_length_statistics_of_raw_pretraining_files(tmp_path, write_jsonl, tiny_tokenizer_dir, tiny_tokenizer):
     from lmtrain.cli.plan import main
 
