@@ -71,6 +71,9 @@ class MeasuredRun:
     # False: never a plan's default MFU (a 27M-parameter model's step is bound by per-step overhead, not by
     # its matmuls: its MFU of 1-3% says nothing about the models people plan)
     mfu_reference: bool = True
+    # k/v heads repeated before the attention kernel (None: as attention_mask; a varlen row whose PyTorch kernel
+    # has no enable_gqa repeats them without a mask)
+    repeat_kv: bool | None = None
 
     def setup(self):
         """The run as a memory-model TrainingSetup."""
@@ -78,7 +81,8 @@ class MeasuredRun:
 
         return TrainingSetup(self.micro_batch, self.seq_length, strategy=self.strategy, num_gpus=self.num_gpus,
                              gradient_checkpointing=self.gradient_checkpointing, fused_cross_entropy=self.liger,
-                             liger=self.liger, attention_mask=self.attention_mask, repeat_kv=self.attention_mask,
+                             liger=self.liger, attention_mask=self.attention_mask,
+                             repeat_kv=self.attention_mask if self.repeat_kv is None else self.repeat_kv,
                              fused_adam=self.fused_adam)
 
     def shape(self):
