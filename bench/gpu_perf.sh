@@ -28,7 +28,16 @@ seed() {  # seed LABEL [seed_recipe.py options...]
   [ -n "$line" ] && echo "{\"label\": \"$label\", \"reference\": $line}" >> "$RESULTS"
 }
 
-case "$PHASE" in
+for phase in $PHASE; do
+case "$phase" in
+profile)
+  ours profile-1.5b-bs16 --config qwen2.5-1.5b --batch 16 --steps 20 --profile_steps 12 16
+  head -1 "$LOGS/profile-profile-1.5b-bs16.txt"
+  ours nanfilter-off-0.5b-bs16 --config qwen2.5-0.5b --batch 16 --steps 30 --logging_nan_inf_filter false
+  timeout 120 python -m cProfile -s tottime bench/throughput.py --config qwen2-tiny --seq 256 --batch 4 --steps 40 \
+    --bf16 --deepspeed ds_configs/zero2.json > "$LOGS/cprofile-tiny.txt" 2>&1
+  grep -A45 "Ordered by" "$LOGS/cprofile-tiny.txt" | head -50
+  ;;
 speed)
   nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv | tee "$LOGS/gpu.txt"
   python -c "import torch; from lmtrain.model.attention import varlen_kernel; print('torch', torch.__version__, 'varlen', varlen_kernel() is not None)" | tee -a "$LOGS/gpu.txt"
@@ -40,6 +49,16 @@ speed)
   seed seed-0.5b-bs8-gc --arch 0.5b --bs 8 --gc
   ours fast-0.5b-bs16 --config qwen2.5-0.5b --batch 16 --steps 30
   ours fast-0.5b-bs32 --config qwen2.5-0.5b --batch 32 --steps 30
+  ;;
+final)  # in priority order: a short device budget cuts the tail
+  seed seed-1.5b-bs4-gc --arch 1.5b --bs 4 --gc
+  ours fast-1.5b-bs24 --config qwen2.5-1.5b --batch 24 --steps 25
+  seed seed-0.5b-bs8-gc --arch 0.5b --bs 8 --gc
+  ours fast-0.5b-bs48 --config qwen2.5-0.5b --batch 48 --steps 25
+  ours fast-1.5b-bs16-ga4 --config qwen2.5-1.5b --batch 16 --accumulation 4 --steps 14 --skip_steps 6 --logging_steps 2
+  ours fast-0.5b-bs32-ga4 --config qwen2.5-0.5b --batch 32 --accumulation 4 --steps 14 --skip_steps 6 --logging_steps 2
+  ours mem-llama-7b-z2-gc --config llama-7b --vocab 32000 --batch 1 --steps 8 --skip_steps 3 --logging_steps 1 \
+    --gradient_checkpointing
   ;;
 candidates)
   seed seed-1.5b-bs4-gc --arch 1.5b --bs 4 --gc
@@ -67,3 +86,4 @@ memory)
   done
   ;;
 esac
+done

@@ -114,12 +114,61 @@ def steady_state(log_history: list[dict], skip_steps: int) -> dict:
             "windows": len(rows), "losses": [row["loss"] for row in log_history if "loss" in row]}
 
 
+class StepProfiler:
+    """A TrainerCallback (duck-typed) that torch-profiles steps FIRST..LAST and writes what the GPU did."""
+
+    def __init__(self, first: int, last: int, report: Path):
+        self.first, self.last, self.report, self.profiler = first, last, report, None
+
+    def __getattr__(self, name):  # every other callback event: nothing to do
+        if name.startswith("on_"):
+            return lambda *args, **kwargs: None
+        raise AttributeError(name)
+
+    def on_step_begin(self, args, state, control, **kwargs):
+        import time
+
+        import torch
+
+        if state.global_step == self.first:
+            activities = [torch.profiler.ProfilerActivity.CPU]
+            if torch.cuda.is_available():
+                torch.cuda.synchronize()
+                activities.append(torch.profiler.ProfilerActivity.CUDA)
+            self.profiler = torch.profiler.profile(activities=activities)
+            self.profiler.__enter__()
+            self.start = time.perf_counter()
+
+    def on_step_end(self, args, state, control, **kwargs):
+        import time
+
+        import torch
+
+        if self.profiler is None or state.global_step != self.last:
+            return
+        if torch.cuda.is_available():
+            torch.cuda.synchronize()
+        wall = time.perf_counter() - self.start
+        self.profiler.__exit__(None, None, None)
+        steps = self.last - self.first
+        events = self.profiler.key_averages()
+        gpu = sum(e.self_device_time_total for e in events) / 1e6
+        lines = [f"steps {self.first}..{self.last}: wall {wall / steps:.4f} s/step, GPU kernels "
+                 f"{gpu / steps:.4f} s/step ({gpu / wall:.1%} busy)",
+                 events.table(sort_by="self_device_time_total", row_limit=25),
+                 events.table(sort_by="self_cpu_time_total", row_limit=25)]
+        self.report.write_text("\n".join(lines), encoding="utf-8")
+        self.profiler = None
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--config", default="qwen2.5-0.5b", help="a configs/ name or config file (--config_name)")
     parser.add_argument("--seq", type=int, default=2048, help="tokens per block")
     parser.add_argument("--batch", type=int, default=8, help="micro-batch per GPU")
     parser.add_argument("--steps", type=int, default=40, help="optimizer steps")
+    parser.add_argument("--accumulation", type=int, default=1,
+                        help="micro-batches per optimizer step (--gradient_accumulation_steps)")
     parser.add_argument("--skip_steps", type=int, default=10, help="steps left out of the figures (warm-up)")
     parser.add_argument("--logging_steps", type=int, default=5, help="steps per measured window")
     parser.add_argument("--vocab", type=int, default=151936,
@@ -136,6 +185,9 @@ def main(argv=None):
     parser.add_argument("--workdir", default=os.path.join(tempfile.gettempdir(), "lmtrain-throughput"),
                         help="scratch directory, emptied first (every rank must see the same one)")
     parser.add_argument("--output_json", default=None, help="also append the RESULT to this JSON-lines file")
+    parser.add_argument("--profile_steps", type=int, nargs=2, default=None, metavar=("FIRST", "LAST"),
+                        help="torch-profile these steps; writes profile.txt next to --output_json (GPU time per "
+                             "step against wall time, the top kernels and the top CPU-side operations)")
     parser.add_argument("--local_rank", type=int, default=-1, help=argparse.SUPPRESS)  # the deepspeed launcher's
     options, passthrough = parser.parse_known_args(argv)
 
@@ -156,7 +208,7 @@ def main(argv=None):
         import datasets
 
         tokenizer = load_tokenizer(str(tokenizer_dir))
-        rows = options.batch * world * (options.steps + 2)
+        rows = options.batch * options.accumulation * world * (options.steps + 2)
         if options.stage == "sft":  # enough samples for packed rows too
             count = rows * max(1, 2 * options.seq // options.sft_median_tokens)
             synthetic_conversations(scratch / "chat.jsonl", count, options.sft_median_tokens, options.seq)
@@ -180,19 +232,29 @@ def main(argv=None):
     argv_stage = [
         "--config_name", options.config, *extra, "--tokenizer_name", str(tokenizer_dir),
         *data_flags, "--per_device_train_batch_size", str(options.batch),
+        "--gradient_accumulation_steps", str(options.accumulation),
         "--max_steps", str(options.steps), "--logging_steps", str(options.logging_steps), "--warmup_steps", "2",
         "--learning_rate", "1e-4", "--save_strategy", "no", "--eval_strategy", "no", "--report_to", "none",
         "--plot_curves", "false", "--disable_tqdm", "true", "--overwrite_output_dir",
         "--output_dir", str(scratch / "run"), "--peak_tflops", str(options.peak_tflops), *passthrough]
     # Everything of the stage's main runs except the final save (GBs for the larger shapes, not part of a step).
     stage.save_final_model = lambda trainer, output_dir: None
+    if options.profile_steps:
+        report = Path(options.output_json or scratch / "x").with_name(f"profile-{options.label or 'run'}.txt")
+        build = stage.build_trainer
+
+        def build_profiled(*args, **kwargs):
+            trainer = build(*args, **kwargs)
+            trainer.add_callback(StepProfiler(*options.profile_steps, report))
+            return trainer
+        stage.build_trainer = build_profiled
     trainer, _ = stage.main(argv_stage)
     figures = steady_state(trainer.state.log_history, options.skip_steps)
     config = trainer.model.config
     import torch
 
     result = {"label": options.label, "stage": options.stage, "config": options.config, "seq": options.seq,
-              "batch": options.batch, "data": options.data,
+              "batch": options.batch, "accumulation": options.accumulation, "data": options.data,
               "world": world, "doc_length": options.doc_length, "params_M": round(count_parameters(trainer.model) / 1e6, 1),
               "attention": config._attn_implementation, "liger": bool(trainer.args.use_liger_kernel),
               "gradient_checkpointing": bool(trainer.args.gradient_checkpointing),
