@@ -1,0 +1,142 @@
+"""The GPU fast path, as far as a CPU can check it: the varlen attention plumbing (document boundaries from
+position_ids, the kernel call, the SDPA fallback for generation) against per-document SDPA, the defaults that
+switch themselves off without a GPU, the explicit vocab_size, and bench/throughput.py kept working."""
+from __future__ import annotations
+
+import importlib.util
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import lmtrain.model.attention as attention
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def reference_varlen(q, k, v, cu_seq_q, cu_seq_k, max_q, max_k, scale=None, window_size=(-1, -1), enable_gqa=False):
+    """What torch.nn.attention.varlen.varlen_attn computes (causal within each segment), from plain SDPA."""
+    assert window_size == (-1, 0), "the kernel must be asked for causal attention"
+    bounds = cu_seq_q.tolist()
+    assert bounds == cu_seq_k.tolist() and max_q == max(b - a for a, b in zip(bounds, bounds[1:]))
+    out = [F.scaled_dot_product_attention(q[a:b].transpose(0, 1), k[a:b].transpose(0, 1), v[a:b].transpose(0, 1),
+                                          is_causal=True, scale=scale, enable_gqa=enable_gqa).transpose(0, 1)
+           for a, b in zip(bounds, bounds[1:])]
+    return torch.cat(out)
+
+
+def tiny_model(implementation: str):
+    from transformers import AutoModelForCausalLM, Qwen2Config
+
+    torch.manual_seed(0)
+    config = Qwen2Config(vocab_size=128, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2, initializer_range=0.1)
+    model = AutoModelForCausalLM.from_config(config, attn_implementation=implementation).eval()
+    model.config.use_cache = False
+    return model
+
+
+def test_document_boundaries_restart_at_zero_jumps_and_row_starts():
+    positions = torch.tensor([[0, 1, 2, 0, 1, 0, 1, 2, 3, 4], [5, 6, 7, 8, 0, 1, 2, 0, 1, 2]])
+    bounds, longest = attention.document_boundaries(positions)
+    assert bounds.dtype == torch.int32
+    assert bounds.tolist() == [0, 3, 5, 10, 14, 17, 20] and longest == 5
+
+
+def test_varlen_packed_rows_equal_documents_alone(monkeypatch):
+    monkeypatch.setattr(attention, "varlen_kernel", lambda: reference_varlen)
+    model = tiny_model("varlen")
+    lengths = [(5, 7), (12,), (3, 4, 5)]
+    ids = torch.randint(0, 128, (3, 12))
+    positions = torch.tensor([[i for n in row for i in range(n)] for row in lengths])
+    with torch.no_grad():
+        packed = model(input_ids=ids, position_ids=positions).logits
+        model.set_attn_implementation("sdpa")
+        for row, row_lengths in enumerate(lengths):
+            start = 0
+            for n in row_lengths:
+                alone = model(input_ids=ids[row:row + 1, start:start + n]).logits[0]
+                torch.testing.assert_close(packed[row, start:start + n], alone, atol=2e-5, rtol=1e-4)
+                start += n
+
+
+def test_boundaries_are_computed_once_per_forward(monkeypatch):
+    monkeypatch.setattr(attention, "varlen_kernel", lambda: reference_varlen)
+    calls = []
+    real = attention.document_boundaries
+    monkeypatch.setattr(attention, "document_boundaries", lambda p: calls.append(1) or real(p))
+    monkeypatch.setattr(attention, "_boundaries", attention._BoundaryCache())
+    model = tiny_model("varlen")
+    ids, positions = torch.randint(0, 128, (2, 10)), torch.tensor([[0, 1, 2, 3, 4, 0, 1, 2, 3, 4]] * 2)
+    with torch.no_grad():
+        model(input_ids=ids, position_ids=positions)
+        assert len(calls) == 1  # two layers, one computation
+        positions[0, 5] = 7  # an in-place change is seen
+        model(input_ids=ids, position_ids=positions)
+    assert len(calls) == 2
+
+
+def test_generation_with_varlen_goes_through_sdpa_and_matches_it(monkeypatch):
+    monkeypatch.setattr(attention, "varlen_kernel", lambda: reference_varlen)
+    model = tiny_model("varlen")
+    model.config.use_cache = True
+    prompt = torch.randint(0, 128, (2, 6))
+    mask = torch.ones_like(prompt)
+    mask[0, :2] = 0  # left padding: a real attention mask reaches the fallback
+    with torch.no_grad():
+        ours = model.generate(input_ids=prompt, attention_mask=mask, max_new_tokens=5, do_sample=False,
+                              pad_token_id=0)
+        model.set_attn_implementation("sdpa")
+        theirs = model.generate(input_ids=prompt, attention_mask=mask, max_new_tokens=5, do_sample=False,
+                                pad_token_id=0)
+    assert torch.equal(ours, theirs)
+
+
+def test_auto_attention_and_liger_switch_themselves_off_without_a_gpu(caplog):
+    assert attention.choose_attention("auto") == ("varlen" if attention.varlen_kernel() else "sdpa")
+    if not torch.cuda.is_available():
+        assert attention.choose_attention("varlen") == "sdpa"
+        assert "varlen attention needs a CUDA GPU" in caplog.text
+        from lmtrain.arguments import TrainArguments
+
+        assert TrainArguments(output_dir="/tmp/x", report_to="none").use_liger_kernel is False
+
+
+def test_explicit_vocab_size_is_kept_and_a_too_small_one_refused(tiny_tokenizer):
+    from lmtrain.arguments import ModelArguments
+    from lmtrain.errors import UserError
+    from lmtrain.model.building import build_model
+
+    model = build_model(ModelArguments(config_name="qwen2-tiny", config_overrides="vocab_size=2000"), tiny_tokenizer)
+    assert model.get_input_embeddings().num_embeddings == 2000
+    default = build_model(ModelArguments(config_name="qwen2-tiny"), tiny_tokenizer)
+    assert default.get_input_embeddings().num_embeddings == -(-len(tiny_tokenizer) // 64) * 64
+    with pytest.raises(UserError, match="at least that many rows"):
+        build_model(ModelArguments(config_name="qwen2-tiny", config_overrides="vocab_size=100"), tiny_tokenizer)
+
+
+def _load_bench(name: str):
+    spec = importlib.util.spec_from_file_location(f"bench_{name}", ROOT / "bench" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_throughput_bench_runs_the_real_path_on_a_cpu(tmp_path):
+    bench = _load_bench("throughput")
+    result = bench.main(["--config", "qwen2-tiny", "--seq", "32", "--batch", "2", "--steps", "8", "--skip_steps", "2",
+                         "--logging_steps", "2", "--vocab", "0", "--data", "markov", "--doc_length", "8",
+                         "--workdir", str(tmp_path / "w"), "--output_json", str(tmp_path / "r.jsonl")])
+    assert result["windows"] == 3 and result["tok_s_gpu"] > 0 and result["step_s"] > 0
+    assert result["attention"] == "sdpa" and result["liger"] is False
+    assert len(result["losses"]) == 4 and all(loss > 0 for loss in result["losses"])
+    assert (tmp_path / "r.jsonl").read_text().count("\n") == 1
+
+
+def test_isolation_check_tells_a_leak_from_rounding():
+    bench = _load_bench("attention_isolation")
+    error, leak = bench.isolation_error("sdpa", torch.float32, "cpu", lengths=(9, 17, 4))
+    assert error < 1e-4 < 0.1 < leak
