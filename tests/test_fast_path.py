@@ -140,3 +140,21 @@ def test_isolation_check_tells_a_leak_from_rounding():
     bench = _load_bench("attention_isolation")
     error, leak = bench.isolation_error("sdpa", torch.float32, "cpu", lengths=(9, 17, 4))
     assert error < 1e-4 < 0.1 < leak
+
+
+def test_training_losses_with_varlen_equal_sdpa(monkeypatch, tiny_tokenizer_dir, plays_dir, tmp_path):
+    """The same pretraining run (packed scenes, position_ids restarting per document) through the varlen path
+    (kernel stood in by per-segment SDPA) and through SDPA's document mask: the same per-step losses."""
+    from conftest import tiny_pretrain_argv
+
+    from lmtrain.cli import pretrain
+
+    monkeypatch.setattr(attention, "varlen_kernel", lambda: reference_varlen)
+    losses = {}
+    for name in ("varlen", "sdpa"):
+        trainer, _ = pretrain.main(tiny_pretrain_argv(tiny_tokenizer_dir, plays_dir, tmp_path / name, "--max_steps",
+                                                      "6", "--attn_implementation", name, "--save_strategy", "no"))
+        assert trainer.model.config._attn_implementation == name
+        losses[name] = [row["loss"] for row in trainer.state.log_history if "loss" in row]
+    assert len(losses["sdpa"]) == 6
+    assert losses["varlen"] == pytest.approx(losses["sdpa"], rel=1e-4)
