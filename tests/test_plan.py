@@ -167,6 +167,43 @@ def test_default_mfu_comes_from_the_closest_measured_run():
     assert default_mfu_run("4090", "zero2", True, 400_000_000) is None
 
 
+def test_h200_rows_cite_their_results_file_and_match_it():
+    """Every H200 row of 2026-12-02 quotes its result line (tokens/s, peak) and its peak is predicted within 5%."""
+    import json
+
+    from lmtrain.planning.gpus import MEASURED_RUNS
+
+    results = {}
+    for name in ("call1", "call2"):
+        with open(f"docs/gpu_logs/h200-2026-12-02/{name}-results.jsonl", encoding="utf-8") as handle:
+            for line in handle:
+                row = json.loads(line)
+                results[row["label"]] = row.get("reference", row)
+    rows = [run for run in MEASURED_RUNS if "h200-2026-12-02" in run.source]
+    assert len(rows) >= 8
+    for run in rows:
+        label = max((name for name in results if f", {name}" in run.source), key=len)
+        assert run.tokens_per_second == results[label]["tok_s_gpu"], label
+        assert run.peak_memory_gib == results[label]["peak_mem_GiB"], label
+        predicted = estimate_memory(run.shape(), run.setup()).total / 2 ** 30
+        assert predicted == pytest.approx(run.peak_memory_gib, rel=0.05), label
+
+
+def test_h200_default_mfu_is_our_fast_path_nearest_in_work_per_micro_batch():
+    from lmtrain.planning.gpus import default_mfu_run, micro_batch_flops
+    from lmtrain.planning.shape import shape_of
+    from lmtrain.model.config import resolve_config
+
+    shape = shape_of(resolve_config("qwen2.5-1.5b", None))
+    run = default_mfu_run("H200", "zero2", False, shape.parameters(), liger=True,
+                          flops_per_micro_batch=micro_batch_flops(shape, 16, 2048))
+    assert (run.recipe, run.liger, run.gradient_checkpointing, run.micro_batch) == ("lmtrain", True, False, 16)
+    assert run.mfu(989.0) == pytest.approx(0.495, abs=0.001)   # 47,442 tokens/s through the MFU formula
+    small = default_mfu_run("H200", "zero2", False, shape.parameters(), liger=True,
+                            flops_per_micro_batch=micro_batch_flops(shape, 1, 2048))
+    assert small.micro_batch * small.shape().parameters() < 16 * shape.parameters()
+
+
 def test_plan_writes_json_and_its_figures_agree(tmp_path, capsys):
     from lmtrain.cli.plan import main
     from lmtrain.planning.memory import GIB, attention_layout

@@ -26,7 +26,7 @@ from lmtrain.cli.parsing import parse_arguments
 from lmtrain.errors import UserError
 from lmtrain.planning import compute
 from lmtrain.planning.arguments import PlanArguments
-from lmtrain.planning.gpus import GPU_MEMORY_GIB, GPUKind, default_mfu_run, gpu_kind
+from lmtrain.planning.gpus import GPU_MEMORY_GIB, GPUKind, default_mfu_run, gpu_kind, micro_batch_flops
 from lmtrain.planning.memory import (GIB, STRATEGIES, TrainingSetup, attention_layout, estimate_memory,
                                      largest_micro_batch, setup_from_deepspeed)
 from lmtrain.planning.shape import shape_of_run
@@ -57,7 +57,7 @@ def main(argv=None):
     rows_per_step = args.per_device_train_batch_size * args.gradient_accumulation_steps * args.num_gpus
     tokens_per_step = rows_per_step * seq_length
     plan["compute"], total_tokens = compute_section(args, shape, flops_token, tokens_per_step, dataset_tokens, gpu,
-                                                    setup.liger)
+                                                    setup.liger, seq_length)
     plan["memory"] = memory_section(shape, setup, gpu, args)
     plan["time"] = time_section(args, shape, setup, gpu, flops_token, tokens_per_step, total_tokens)
 
@@ -129,12 +129,12 @@ def training_setup(args, seq_length: int, attention: str) -> TrainingSetup:
                          **attention_layout(attention), **fields)
 
 
-def compute_section(args, shape, flops_token, tokens_per_step, dataset_tokens, gpu, liger: bool):
+def compute_section(args, shape, flops_token, tokens_per_step, dataset_tokens, gpu, liger: bool, seq_length: int):
     section = {"flops_per_token": flops_token, "chinchilla_optimal_tokens": compute.chinchilla_tokens(
         shape.parameters()), "tokens_per_step": tokens_per_step}
     budget = compute.parse_amount(args.compute_budget, "--compute_budget")
     if args.gpu_hours:
-        mfu = planned_mfu(args, shape, gpu, liger)[0]
+        mfu = planned_mfu(args, shape, gpu, liger, seq_length)[0]
         if mfu is None:
             raise UserError(f"--gpu_hours needs an MFU to turn hours into FLOPs and nothing was measured on "
                             f"{gpu.name}: pass --mfu (e.g. 0.3)")
@@ -175,13 +175,14 @@ def memory_section(shape, setup, gpu, args) -> dict:
     return section
 
 
-def planned_mfu(args, shape, gpu, liger: bool):
+def planned_mfu(args, shape, gpu, liger: bool, seq_length: int):
     """(MFU, where it came from, how that run differs from this plan): --mfu, else the measured run that
     default_mfu_run picks on this GPU kind."""
     if args.mfu:
         return args.mfu, "--mfu", []
     strategy = args.strategy or (setup_from_deepspeed(args.deepspeed)["strategy"] if args.deepspeed else "none")
-    run = default_mfu_run(gpu.name, strategy, args.gradient_checkpointing, shape.parameters(), liger)
+    run = default_mfu_run(gpu.name, strategy, args.gradient_checkpointing, shape.parameters(), liger,
+                          flops_per_micro_batch=micro_batch_flops(shape, args.per_device_train_batch_size, seq_length))
     if run is None:
         return None, f"nothing measured on {gpu.name}", []
     differences = [f"{what} {theirs} there, {ours} here" for what, theirs, ours in (
@@ -199,7 +200,7 @@ def planned_mfu(args, shape, gpu, liger: bool):
 def time_section(args, shape, setup, gpu, flops_token, tokens_per_step, total_tokens) -> dict:
     if setup.precision == "fp32" and not args.mfu:
         return {"skipped": "the measured MFUs are of bf16 runs; for fp32 pass --mfu (or plan with --bf16)"}
-    mfu, source, differences = planned_mfu(args, shape, gpu, setup.liger)
+    mfu, source, differences = planned_mfu(args, shape, gpu, setup.liger, setup.seq_length)
     if mfu is None:
         return {"skipped": f"{source}: pass --mfu"}
     result = compute.throughput(flops_token, mfu, gpu.peak_tflops, args.num_gpus, tokens_per_step, total_tokens,

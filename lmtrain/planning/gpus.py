@@ -113,6 +113,17 @@ _0_5B = dict(config="qwen2.5-0.5b", seq_length=2048)
 _1_5B = dict(config="qwen2.5-1.5b", seq_length=2048, vocab_size=151936, micro_batch=4, recipe="seed",
              attention_mask=False,
              fused_adam=True, peak_memory_gib=None)
+H200_CALL1 = "docs/gpu_logs/h200-2026-12-02/call1-results.jsonl (2026-12-02, one H200 141 GB, torch 2.11)"
+H200_CALL2 = "docs/gpu_logs/h200-2026-12-02/call2-results.jsonl (2026-12-02, one H200 141 GB, torch 2.11)"
+# bench/throughput.py rows (bench/gpu_perf.sh): pretrain.py's path, ZeRO-2 without an optimizer section (torch
+# fused AdamW), bf16, sequence 2048, the 151,936-token vocabulary. varlen attention: no mask; torch 2.11's
+# varlen_attn signature was not recorded on that machine, so whether it took enable_gqa is not known; these rows
+# assume the k/v heads were repeated (lmtrain/model/attention.py without enable_gqa) and docs/PLANNER.md gives
+# the grouped-heads estimate beside it.
+_H200_FAST = dict(vocab_size=151936, seq_length=2048, gradient_checkpointing=False, strategy="zero2", num_gpus=1,
+                  attention_mask=False, repeat_kv=True, fused_adam=False, liger=True)
+_H200_SEED = dict(vocab_size=151936, seq_length=2048, gradient_checkpointing=True, strategy="zero2", num_gpus=1,
+                  attention_mask=False, fused_adam=True, liger=False)
 MEASURED_RUNS = (
     # Steps 20-30 of the ZeRO-2 run: 50.4k-52.3k tokens/s, the midpoint here.
     MeasuredRun("H100", "lmtrain", vocab_size=32000, micro_batch=8, gradient_checkpointing=True, strategy="zero2",
@@ -145,22 +156,58 @@ MEASURED_RUNS = (
     MeasuredRun("H200", "seed", vocab_size=151936, micro_batch=8, gradient_checkpointing=True, strategy="zero2",
                 num_gpus=2, tokens_per_second=57200, peak_memory_gib=None, attention_mask=False, fused_adam=True,
                 liger=False, source=SHARED_README, **_0_5B),
+    # This session's H200 runs: tokens/s and peak as the result line records them (tok_s_gpu, peak_mem_GiB).
+    MeasuredRun("H200", "lmtrain", "qwen2.5-1.5b", micro_batch=8, tokens_per_second=38633, peak_memory_gib=55.22,
+                source=H200_CALL1 + ", fast-1.5b-bs8", **_H200_FAST),
+    MeasuredRun("H200", "lmtrain", "qwen2.5-1.5b", micro_batch=16, tokens_per_second=47442, peak_memory_gib=89.04,
+                source=H200_CALL1 + ", fast-1.5b-bs16", **_H200_FAST),
+    MeasuredRun("H200", "lmtrain", "qwen2.5-0.5b", micro_batch=16, tokens_per_second=96942, peak_memory_gib=39.8,
+                source=H200_CALL1 + ", fast-0.5b-bs16", **_H200_FAST),
+    MeasuredRun("H200", "lmtrain", "qwen2.5-0.5b", micro_batch=32, tokens_per_second=116517, peak_memory_gib=72.08,
+                source=H200_CALL1 + ", fast-0.5b-bs32", **_H200_FAST),
+    # Documents of mean length 512 (--data markov --doc_length 512): varlen needs no mask; the plain path's SDPA
+    # gets transformers' B x T x T document mask and repeated k/v heads.
+    MeasuredRun("H200", "lmtrain", "qwen2.5-0.5b", micro_batch=8, tokens_per_second=60839, peak_memory_gib=23.65,
+                source=H200_CALL2 + ", loss-fast-0.5b", **_H200_FAST),
+    MeasuredRun("H200", "lmtrain", "qwen2.5-0.5b", micro_batch=8, tokens_per_second=45524, peak_memory_gib=35.13,
+                source=H200_CALL2 + ", loss-plain-0.5b (sdpa with the document mask, no Liger, checkpointing)",
+                **{**_H200_FAST, "gradient_checkpointing": True, "attention_mask": True, "liger": False}),
+    # SFT packed into rows of 2048 (sft.py): tokens/s counts non-padding tokens only, so no default MFU.
+    MeasuredRun("H200", "lmtrain", "qwen2.5-0.5b", micro_batch=8, tokens_per_second=63137, peak_memory_gib=23.65,
+                source=H200_CALL2 + ", sft-packed", mfu_reference=False, **_H200_FAST),
+    MeasuredRun("H200", "seed", "qwen2.5-1.5b", micro_batch=4, tokens_per_second=22562, peak_memory_gib=34.9,
+                source=H200_CALL1 + ", seed-1.5b-bs4-gc (reference)", **_H200_SEED),
+    MeasuredRun("H200", "seed", "qwen2.5-0.5b", micro_batch=8, tokens_per_second=49160, peak_memory_gib=35.1,
+                source=H200_CALL1 + ", seed-0.5b-bs8-gc (reference)", **_H200_SEED),
 )
 
 
+def micro_batch_flops(shape, micro_batch: int, seq_length: int) -> float:
+    """Training FLOPs of one micro-batch (the MFU formula's, per token, times its tokens)."""
+    return micro_batch * seq_length * flops_per_token(shape.parameters(), shape.num_layers, shape.hidden_size,
+                                                      seq_length)
+
+
 def default_mfu_run(gpu: str, strategy: str, gradient_checkpointing: bool, parameters: int, liger: bool = False,
-                    exclude: MeasuredRun | None = None) -> MeasuredRun | None:
+                    exclude: MeasuredRun | None = None, flops_per_micro_batch: float | None = None
+                    ) -> MeasuredRun | None:
     """The measured run a plan takes its MFU from: the same GPU kind, then, in this order of preference, the same
     ZeRO stage (ZeRO-3 on one or two GPUs ran at half the speed), lmtrain's own scripts over the reference recipe
     (a plan is for an lmtrain run), the same checkpointing choice (its recomputed forward is work the MFU formula
-    does not count) and Liger choice, the nearest model size. None: nothing measured on this kind."""
+    does not count) and Liger choice, then the nearest FLOPs per micro-batch when given, else the nearest model
+    size. Why FLOPs per micro-batch: a step carries a fixed cost (DeepSpeed's per-parameter Python work, ~0.11-0.16
+    s on the H200, docs/PERFORMANCE.md), so MFU rises with the work of each forward/backward, and the H200 runs of
+    2026-12-02 order by it (0.5B x 16 rows 34%, 1.5B x 8 40%, 0.5B x 32 41%, 1.5B x 16 49%).
+    None: nothing measured on this kind."""
     candidates = [run for run in MEASURED_RUNS if run.gpu == gpu and run.mfu_reference and run is not exclude]
     if not candidates:
         return None
     stage = "zero3" if strategy.startswith("zero3") else strategy
 
     def preference(run: MeasuredRun):
-        size = run.shape().parameters()
+        size = abs(math.log(run.shape().parameters() / max(parameters, 1)))
+        work = size if flops_per_micro_batch is None else abs(math.log(
+            micro_batch_flops(run.shape(), run.micro_batch, run.seq_length) / max(flops_per_micro_batch, 1.0)))
         return (run.strategy != stage, run.recipe != "lmtrain", run.gradient_checkpointing != gradient_checkpointing,
-                run.liger != liger, abs(math.log(size / max(parameters, 1))))
+                run.liger != liger, work, size)
     return min(candidates, key=preference)

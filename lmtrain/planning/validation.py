@@ -7,7 +7,7 @@ pick without it (leave one out, so no run predicts itself). Prints the Markdown 
 from __future__ import annotations
 
 from lmtrain.planning.compute import training_flops_per_token
-from lmtrain.planning.gpus import MEASURED_RUNS, MeasuredRun, default_mfu_run, gpu_kind
+from lmtrain.planning.gpus import MEASURED_RUNS, MeasuredRun, default_mfu_run, gpu_kind, micro_batch_flops
 from lmtrain.planning.memory import GIB, estimate_memory
 
 
@@ -31,7 +31,8 @@ def throughput_rows() -> list[tuple[MeasuredRun, MeasuredRun | None, float | Non
     for run in MEASURED_RUNS:
         peak = gpu_kind(run.gpu).peak_tflops
         source = default_mfu_run(run.gpu, run.strategy, run.gradient_checkpointing, run.shape().parameters(),
-                                 run.liger, exclude=run)
+                                 run.liger, exclude=run,
+                                 flops_per_micro_batch=micro_batch_flops(run.shape(), run.micro_batch, run.seq_length))
         predicted = None if source is None else \
             source.mfu(peak) * peak * 1e12 / training_flops_per_token(run.shape(), run.seq_length)
         rows.append((run, source, predicted))
