@@ -21,7 +21,7 @@ if $PYTHON -c "import torch, sys; sys.exit(0 if torch.cuda.is_available() else 1
   LAUNCH=(deepspeed --num_gpus "$NGPU")
   ACCEL=(--deepspeed ds_configs/zero2.json --bf16)
   SFT_STEPS=${SFT_STEPS:-600}
-  DPO_STEPS=${DPO_STEPS:-300}
+  DPO_STEPS=${DPO_STEPS:-120}
   MODEL=(--config_name qwen2-tiny --config_overrides hidden_size=512,intermediate_size=1536,num_hidden_layers=8,num_attention_heads=8,num_key_value_heads=4)
   BATCH_SIZE=32 BLOCK=512 SFT_LENGTH=256
 else
