@@ -21,7 +21,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from lmtrain.model.attention import VARLEN, varlen_kernel  # noqa: E402  (registers varlen)
+from lmtrain.model.attention import VARLEN, choose_attention, varlen_kernel  # noqa: E402  (registers varlen)
 
 # Isolated: the packed-vs-alone difference is rounding noise, far below what a leak between documents makes.
 NOISE_FACTOR = 10
@@ -75,10 +75,20 @@ def main(argv=None):
     parser.add_argument("--implementations", nargs="+", default=None, help="default: all this machine runs")
     parser.add_argument("--liger", action="store_true", help="also with the Liger kernels applied (GPU)")
     options = parser.parse_args(argv)
+    from lmtrain.model.attention import check_attention_name
+
+    for name in options.implementations or []:
+        try:
+            check_attention_name(name)
+        except ValueError as error:
+            parser.error(str(error))
     device = "cuda" if torch.cuda.is_available() else "cpu"
     dtype = torch.bfloat16 if device == "cuda" else torch.float32
     results = []
     for name in options.implementations or available_implementations(device):
+        if choose_attention(name) != name:  # not runnable here (the warning above says why)
+            print("ISOLATION " + json.dumps({"implementation": name, "skipped": "not available here"}), flush=True)
+            continue
         for liger in ([False, True] if options.liger else [False]):
             error, leak = isolation_error(name, dtype, device, liger=liger)
             row = {"implementation": name, "liger": liger, "dtype": str(dtype), "max_abs_logit_diff": error,
@@ -89,4 +99,6 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    main()
+    from lmtrain.errors import run_entry_point
+
+    run_entry_point(main)

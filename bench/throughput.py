@@ -1,4 +1,4 @@
-"""Pretraining speed of the real pretrain.py path (lmtrain.cli.pretrain.main, not a copy) on synthetic tokens.
+r"""Pretraining speed of the real pretrain.py path (lmtrain.cli.pretrain.main, not a copy) on synthetic tokens.
 
 Prints one line "RESULT {json}": steady-state tokens/s per GPU, MFU with the reference's formula
 (6 x parameters + 12 x layers x hidden x sequence, over 989 TFLOP/s unless --peak_tflops), seconds per step
@@ -12,7 +12,8 @@ optimization is switched there: --use_liger_kernel false, --attn_implementation 
     # the reference, in the same command (report ours as a ratio to it)
     deepspeed --num_gpus 1 .whl/seed_recipe.py --arch 1.5b --bs 4 --gc
     # a CPU smoke run (what CI keeps working)
-    python bench/throughput.py --config qwen2-tiny --seq 64 --batch 2 --steps 12 --vocab 0
+    python bench/throughput.py --config qwen2-tiny --seq 64 --batch 2 --steps 12 --skip_steps 4 --logging_steps 4 \
+        --vocab 0
 
 The tokens are random ids (the speed of a step does not depend on which ids it reads). --doc_length 0 gives
 one document per block, as the reference's data has; --doc_length N cuts blocks into documents of
@@ -190,6 +191,9 @@ def main(argv=None):
                              "step against wall time, the top kernels and the top CPU-side operations)")
     parser.add_argument("--local_rank", type=int, default=-1, help=argparse.SUPPRESS)  # the deepspeed launcher's
     options, passthrough = parser.parse_known_args(argv)
+    if options.steps - options.skip_steps < options.logging_steps:
+        parser.error(f"--steps {options.steps} leaves no measured window of --logging_steps {options.logging_steps} "
+                     f"after --skip_steps {options.skip_steps}")
 
     from lmtrain.cli import pretrain, sft
 
@@ -270,4 +274,6 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    main()
+    from lmtrain.errors import run_entry_point
+
+    run_entry_point(main)
