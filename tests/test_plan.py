@@ -348,6 +348,41 @@ def test_auto_batch_on_a_gpu_takes_the_largest_fitting_micro_batch(tmp_path, mon
         _parse_training(argv, tmp_path)
 
 
+def test_auto_batch_turns_checkpointing_on_only_when_one_row_needs_it(tmp_path, monkeypatch, tiny_tokenizer_dir):
+    from lmtrain.planning import auto_batch
+    from lmtrain.planning.memory import attention_layout
+    from lmtrain.planning.shape import shape_of_run
+    from lmtrain.tokenizer import load_tokenizer
+
+    argv = ["--config_name", "qwen2.5-0.5b", "--tokenizer_name", str(tiny_tokenizer_dir), "--block_size", "2048",
+            "--bf16", "--per_device_train_batch_size", "auto"]
+    model_args, _, _ = _parse_training(argv[:4], tmp_path)
+    shape = shape_of_run(model_args, load_tokenizer(str(tiny_tokenizer_dir)))
+    one_row = {checkpointing: estimate_memory(shape, TrainingSetup(
+        1, 2048, strategy="none", gradient_checkpointing=checkpointing, **attention_layout("sdpa"))).total
+        for checkpointing in (False, True)}
+    assert one_row[True] < one_row[False]
+    # usable memory (90%) between one checkpointed row and one plain row
+    total = (one_row[True] + one_row[False]) / 2 / 0.9
+    monkeypatch.setattr(auto_batch, "visible_gpu", lambda: ("stub GPU", total))
+    _, _, training = _parse_training(argv, tmp_path)
+    assert training.gradient_checkpointing and training.per_device_train_batch_size >= 1
+    assert "gradient checkpointing turned on" in training.batch_size_choice
+    # an explicit choice is kept: off is refused with the reason, on is used as given (and not announced)
+    with pytest.raises(UserError, match="off here as you asked"):
+        _parse_training(argv + ["--gradient_checkpointing", "false"], tmp_path)
+    _, _, given = _parse_training(argv + ["--gradient_checkpointing"], tmp_path)
+    assert given.gradient_checkpointing and "turned on" not in given.batch_size_choice
+    # memory enough without it: it stays off
+    monkeypatch.setattr(auto_batch, "visible_gpu", lambda: ("stub GPU", 4 * one_row[False] / 0.9))
+    _, _, roomy = _parse_training(argv, tmp_path)
+    assert not roomy.gradient_checkpointing and "turned on" not in roomy.batch_size_choice
+    # not even with it: refused, saying so
+    monkeypatch.setattr(auto_batch, "visible_gpu", lambda: ("stub GPU", one_row[True] / 2))
+    with pytest.raises(UserError, match="checkpointing alone is not enough"):
+        _parse_training(argv, tmp_path)
+
+
 def test_auto_batch_is_refused_for_preference_tuning(tmp_path, monkeypatch):
     from lmtrain.arguments import DPOTrainArguments, LoraArguments, ModelArguments, PreferenceDataArguments
     from lmtrain.cli.parsing import parse_arguments

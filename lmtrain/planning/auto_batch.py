@@ -5,6 +5,9 @@ and the DeepSpeed config's "auto" entries are built once, with the final numbers
 - auto on a CUDA GPU: the planner's largest micro-batch whose estimated peak fits in this GPU's memory less
   10% (lmtrain.planning.memory, for the run's DeepSpeed stage, precision, checkpointing and row length);
 - auto without a GPU: 8, the transformers default (the planner sizes GPU memory; a CPU run has no such limit);
+- auto where not even one row fits without activation checkpointing but does with it, and --gradient_checkpointing
+  was not given (command line or config file): checkpointing is turned on, and the log says why; an explicit
+  --gradient_checkpointing false is kept (and the run refused);
 - --global_batch_size N (rows per optimizer step over all processes): gradient_accumulation_steps becomes
   N / (micro-batch x processes); with auto the micro-batch is lowered, if needed, to one that divides N.
 The choice and its reason are logged when the run starts (lmtrain.training.run.start_run)."""
@@ -55,8 +58,9 @@ def resolve_batch_flags(dataclass_types, argv: list[str], config_values: dict):
         return argv, config_values, None
     world = int(os.environ.get("WORLD_SIZE", "1"))
     global_batch = None if global_batch is None else _positive_int(global_batch, "--global_batch_size")
+    checkpointing_on = False
     if auto:
-        fit, why = fitting_micro_batch(dataclass_types, argv, config_values, flags, world)
+        fit, why, checkpointing_on = fitting_micro_batch(dataclass_types, argv, config_values, flags, world)
     else:
         fit, why = _positive_int(per_device, "--per_device_train_batch_size"), None
     accumulation = _positive_int(flags["gradient_accumulation_steps"] or 1, "--gradient_accumulation_steps")
@@ -79,6 +83,8 @@ def resolve_batch_flags(dataclass_types, argv: list[str], config_values: dict):
                             f"x {world} processes): give one of them")
     argv = _set_flag(argv, "per_device_train_batch_size", micro)
     argv = _set_flag(argv, "gradient_accumulation_steps", accumulation)
+    if checkpointing_on:  # recorded in lmtrain_config.json like any flag, so a rerun from it repeats the choice
+        argv = _set_flag(argv, "gradient_checkpointing", "true")
     config_values = {k: v for k, v in config_values.items()
                      if k not in ("per_device_train_batch_size", "gradient_accumulation_steps")}
     message = (f"per_device_train_batch_size {micro}, gradient_accumulation_steps {accumulation}, {world} "
@@ -90,12 +96,13 @@ def resolve_batch_flags(dataclass_types, argv: list[str], config_values: dict):
     return argv, config_values, message
 
 
-def fitting_micro_batch(dataclass_types, argv, config_values, flags, world) -> tuple[int, str]:
-    """The largest micro-batch that fits this machine's GPU, and why (or the CPU default)."""
+def fitting_micro_batch(dataclass_types, argv, config_values, flags, world) -> tuple[int, str, bool]:
+    """The largest micro-batch that fits this machine's GPU, why (or the CPU default), and whether activation
+    checkpointing had to be turned on for one row to fit."""
     gpu = visible_gpu()
     if gpu is None:
         return CPU_MICRO_BATCH, (f"no CUDA GPU, so {CPU_MICRO_BATCH} (the transformers default; the planner sizes "
-                                 "GPU memory only)")
+                                 "GPU memory only)"), False
     from lmtrain.planning.memory import GIB, TrainingSetup, estimate_memory, largest_micro_batch, setup_from_deepspeed
     from lmtrain.planning.shape import shape_of_run
 
@@ -119,22 +126,40 @@ def fitting_micro_batch(dataclass_types, argv, config_values, flags, world) -> t
     setup = TrainingSetup(micro_batch=1, seq_length=row_length, precision="bf16" if flags["bf16"] or flags["fp16"]
                           else "fp32", num_gpus=world, gradient_checkpointing=bool(flags["gradient_checkpointing"]),
                           fused_cross_entropy=liger, liger=liger, **attention_layout(attention, has_gqa), **fields)
+    from dataclasses import replace
+
     name, total = gpu
     usable = total * (1 - MEMORY_HEADROOM)
     fit = largest_micro_batch(shape, setup, usable)
     one = estimate_memory(shape, setup).total / GIB
+    turned_on, advice = "", "turn on --gradient_checkpointing, "
+    if setup.gradient_checkpointing:
+        advice = ""
+    elif flags["gradient_checkpointing"] is False:
+        advice = "turn on --gradient_checkpointing (off here as you asked), "
+    elif fit == 0:
+        # "checkpointing only when memory needs it": off is the faster default (no recomputed forward), so it is
+        # turned on only when the user left it unset and one row fits with it but not without
+        checkpointed = replace(setup, gradient_checkpointing=True)
+        with_it = estimate_memory(shape, checkpointed).total / GIB
+        fit = largest_micro_batch(shape, checkpointed, usable)
+        if fit:
+            turned_on = (f"gradient checkpointing turned on: one row needs {one:.1f} GiB without it, {with_it:.1f} "
+                         "GiB with it (pass --gradient_checkpointing false to refuse instead); ")
+            setup = checkpointed
+        else:
+            advice = f"checkpointing alone is not enough ({with_it:.1f} GiB with it), "
     where = (f"{name} {total / GIB:.1f} GiB, {usable / GIB:.1f} usable; "
              f"{setup.strategy}, {setup.precision}, rows of {row_length}, checkpointing "
              f"{'on' if setup.gradient_checkpointing else 'off'}, {attention} attention, "
              f"Liger {'on' if liger else 'off'}")
     if fit == 0:
         raise UserError(f"--per_device_train_batch_size auto: not even a micro-batch of 1 fits ({one:.1f} GiB "
-                        f"estimated; {where}). Turn on --gradient_checkpointing, use a higher ZeRO stage "
+                        f"estimated; {where}). To fit: {advice}use a higher ZeRO stage "
                         "(--deepspeed ds_configs/zero3.json), more GPUs, or shorter rows")
-    from dataclasses import replace
-
     peak = estimate_memory(shape, replace(setup, micro_batch=fit)).total / GIB
-    return fit, f"the largest micro-batch the planner fits on {where} (estimated peak {peak:.1f} GiB)"
+    return fit, (f"{turned_on}the largest micro-batch the planner fits on {where} (estimated peak {peak:.1f} GiB)"
+                 ), bool(turned_on)
 
 
 def visible_gpu() -> tuple[str, int] | None:
