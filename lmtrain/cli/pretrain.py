@@ -11,6 +11,10 @@
         --warmup_steps 500 --max_steps 20000 --save_steps 1000 --eval_strategy steps --eval_steps 1000 \
         --gradient_checkpointing --report_to swanlab --output_dir outputs/qwen-0.5b
 
+    # the planner picks the micro-batch for this GPU; 256 rows per optimizer step (docs/PLANNER.md)
+    deepspeed --num_gpus 8 pretrain.py --deepspeed ds_configs/zero2.json --bf16 --config_name qwen2.5-1.5b \
+        --per_device_train_batch_size auto --global_batch_size 256 --dataset_path data/mix --output_dir outputs/run
+
     # A config file, with flags overriding it
     python pretrain.py examples/pretrain_tiny.yaml --max_steps 50
 

@@ -10,6 +10,11 @@ full fine-tuning (optionally DeepSpeed ZeRO-2/3) or LoRA.
     deepspeed --num_gpus 8 sft.py --deepspeed ds_configs/zero2.json --bf16 --model_name_or_path Qwen/Qwen2.5-0.5B \
         --train_files data/chat/*.jsonl --max_length 2048 --per_device_train_batch_size 4 --output_dir outputs/sft
 
+    # the planner picks the micro-batch for this GPU; 256 rows per optimizer step (docs/PLANNER.md)
+    deepspeed --num_gpus 8 sft.py --deepspeed ds_configs/zero2.json --bf16 --model_name_or_path Qwen/Qwen2.5-0.5B \
+        --train_files data/chat/*.jsonl --max_length 2048 --per_device_train_batch_size auto --global_batch_size 256 \
+        --output_dir outputs/sft
+
     # LoRA, merged into a full model at the end
     python sft.py --use_lora --lora_r 16 --model_name_or_path outputs/demo/pretrain --output_dir outputs/sft-lora
 
