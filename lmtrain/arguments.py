@@ -382,7 +382,8 @@ class DPOTrainArguments(TrainArguments):
             self.loss_type = [self.loss_type]
         unknown = [name for name in self.loss_type if name not in DPO_LOSS_TYPES]
         if unknown:
-            raise ValueError(f"--loss_type {' '.join(unknown)}: not a DPO loss; choose from {', '.join(DPO_LOSS_TYPES)}")
+            raise ValueError(f"--loss_type {' '.join(unknown)}: not a DPO loss; choose from "
+                             f"{', '.join(DPO_LOSS_TYPES)}")
         if self.loss_weights is not None and len(self.loss_weights) != len(self.loss_type):
             raise ValueError(f"--loss_weights: {len(self.loss_weights)} weights for {len(self.loss_type)} "
                              f"--loss_type entries; give one per loss")
