@@ -189,3 +189,19 @@ def log_lines():
     package.addHandler(handler)
     yield records
     package.removeHandler(handler)
+
+
+def load_repo_script(relative_path: str):
+    """A script of the repository (data_prep/x.py, bench/y.py) as a module, so tests call its main(argv)
+    in-process. Registered in sys.modules first: dataclasses look their module up while it executes."""
+    import importlib.util
+    import sys
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[1] / relative_path
+    name = relative_path.replace("/", "_").removesuffix(".py")
+    spec = importlib.util.spec_from_file_location(name, path)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[name] = module
+    spec.loader.exec_module(module)
+    return module

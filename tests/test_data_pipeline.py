@@ -3,7 +3,6 @@ position ids), the document-level train/validation split, cleaning, deduplicatio
 prepare_pretrain.py script, and the demo corpus."""
 from __future__ import annotations
 
-import importlib.util
 import json
 import random
 import re
@@ -26,11 +25,9 @@ EOS, PAD = 0, 3  # the ids packing tests use; real runs take them from the token
 
 def load_script(name: str):
     """A data_prep/ script as a module, so tests call its main(argv) in-process."""
-    spec = importlib.util.spec_from_file_location(f"data_prep_{name}", REPO_ROOT / "data_prep" / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # dataclasses look their module up while the script is being executed
-    spec.loader.exec_module(module)
-    return module
+    from conftest import load_repo_script
+
+    return load_repo_script(f"data_prep/{name}.py")
 
 
 def synthetic_words(count: int, seed: int) -> list[str]:

@@ -4,11 +4,9 @@ per byte uses the bytes of exactly the evaluated blocks, overall and per source.
 pass by hand and byte counts from the documents' text."""
 from __future__ import annotations
 
-import importlib.util
 import json
 import math
 import random
-import sys
 from collections import Counter
 from pathlib import Path
 
@@ -41,10 +39,9 @@ def mix(tmp_path_factory, demo_texts, tiny_tokenizer_dir):
     for name, texts in (("en", english), ("zh", chinese)):
         (root / f"{name}.jsonl").write_text("".join(json.dumps({"text": t}, ensure_ascii=False) + "\n" for t in texts),
                                             encoding="utf-8")
-    spec = importlib.util.spec_from_file_location("data_prep_prepare_pretrain", REPO / "data_prep" / "prepare_pretrain.py")
-    script = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = script
-    spec.loader.exec_module(script)
+    from conftest import load_repo_script
+
+    script = load_repo_script("data_prep/prepare_pretrain.py")
     script.main(["--tokenizer_name", str(tiny_tokenizer_dir), "--sources", f"en={root / 'en.jsonl'}",
                  f"zh={root / 'zh.jsonl'}", "--block_size", "64", "--validation_split_percentage", "30",
                  "--output_dir", str(root / "data"), "--prepared_cache_dir", str(root / "cache")])

@@ -3,8 +3,6 @@ position_ids, the kernel call, the SDPA fallback for generation) against per-doc
 switch themselves off without a GPU, the explicit vocab_size, and bench/throughput.py kept working."""
 from __future__ import annotations
 
-import importlib.util
-import sys
 from pathlib import Path
 
 import pytest
@@ -118,11 +116,9 @@ def test_explicit_vocab_size_is_kept_and_a_too_small_one_refused(tiny_tokenizer)
 
 
 def _load_bench(name: str):
-    spec = importlib.util.spec_from_file_location(f"bench_{name}", ROOT / "bench" / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module
-    spec.loader.exec_module(module)
-    return module
+    from conftest import load_repo_script
+
+    return load_repo_script(f"bench/{name}.py")
 
 
 def test_throughput_bench_runs_the_real_path_on_a_cpu(tmp_path):

@@ -3,7 +3,6 @@ block size against --block_size and the model's positions (9.10), and one rule f
 whether they are a source of their own or one file of a directory source (9.17)."""
 from __future__ import annotations
 
-import importlib.util
 import json
 import logging
 import os
@@ -26,11 +25,9 @@ TINY = "hidden_size=32,intermediate_size=64,num_hidden_layers=2,num_attention_he
 
 
 def load_script(name: str):
-    spec = importlib.util.spec_from_file_location(f"data_prep_{name}", REPO / "data_prep" / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module
-    spec.loader.exec_module(module)
-    return module
+    from conftest import load_repo_script
+
+    return load_repo_script(f"data_prep/{name}.py")
 
 
 @pytest.fixture(scope="module")

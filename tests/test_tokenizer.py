@@ -2,9 +2,7 @@
 template and its assistant mask, and data_prep/train_tokenizer.py."""
 from __future__ import annotations
 
-import importlib.util
 import json
-import sys
 import unicodedata
 from pathlib import Path
 
@@ -110,11 +108,9 @@ def test_load_tokenizer_gives_a_pad_token_without_growing_the_vocabulary(tiny_to
 
 
 def test_train_tokenizer_script(write_jsonl, tmp_path):
-    spec = importlib.util.spec_from_file_location("data_prep_train_tokenizer", REPO_ROOT / "data_prep" /
-                                                  "train_tokenizer.py")
-    script = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = script  # dataclasses look their module up while the script is being executed
-    spec.loader.exec_module(script)
+    from conftest import load_repo_script
+
+    script = load_repo_script("data_prep/train_tokenizer.py")
     texts = [f"Line {i}: the quick brown fox jumps over the lazy dog, again and again." for i in range(200)]
     path = write_jsonl([*({"text": t} for t in texts), '{"broken json', {"text": "中文 and 🎉 too"}])
     out_dir = tmp_path / "tokenizer"

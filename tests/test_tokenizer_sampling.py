@@ -2,12 +2,10 @@
 --sample_chars for every file format, and reports what it took from each source (issue 10.5)."""
 from __future__ import annotations
 
-import importlib.util
 import itertools
 import json
 import random
 import re
-import sys
 from pathlib import Path
 
 import pytest
@@ -20,12 +18,9 @@ HANZI = "的一是在不了有和人这中大为上个国我以要他时来用�
 
 
 def load_script():
-    spec = importlib.util.spec_from_file_location("data_prep_train_tokenizer_sampling",
-                                                  REPO_ROOT / "data_prep" / "train_tokenizer.py")
-    script = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = script  # dataclasses look their module up while the script is being executed
-    spec.loader.exec_module(script)
-    return script
+    from conftest import load_repo_script
+
+    return load_repo_script("data_prep/train_tokenizer.py")
 
 
 def chinese_documents(count: int, seed: int = 0) -> tuple[list[str], list[str]]:
