@@ -63,7 +63,10 @@ def record_to_pair(record, where: str) -> tuple[list[dict], dict, dict]:
         raise RecordProblem("bad_format", f"a preference pair needs {PAIR_FIELDS}; found fields {sorted(record)}")
     if "prompt" in record:
         prompt = record["prompt"]
-        prompt = [{"role": "user", "content": prompt}] if isinstance(prompt, str) else _messages(prompt, "prompt", where)
+        if isinstance(prompt, str):
+            prompt = [{"role": "user", "content": prompt}]
+        else:
+            prompt = _messages(prompt, "prompt", where)
         chosen, rejected = _reply(record["chosen"], "chosen"), _reply(record["rejected"], "rejected")
     else:  # two whole conversations: the prompt is what they share
         whole = [_messages(record[name], name, where) for name in ("chosen", "rejected")]
@@ -115,7 +118,7 @@ def encode_pair(tokenizer, prompt: list[dict], chosen: dict, rejected: dict, max
     # Both renderings start with the same generation prompt; should a token merge across the boundary, the
     # prompt is what they share (TRL's rule), so the prompt tokens are one sequence for both replies.
     shared = 0
-    while (shared < min(chosen_start, rejected_start) and chosen_ids[shared] == rejected_ids[shared]):
+    while shared < min(chosen_start, rejected_start) and chosen_ids[shared] == rejected_ids[shared]:
         shared += 1
     prompt_ids = chosen_ids[:shared]
     chosen_ids, rejected_ids = chosen_ids[shared:chosen_end], rejected_ids[shared:rejected_end]
