@@ -81,6 +81,11 @@ class DataArguments:
     block_size: int = field(default=1024, metadata={"help": "Tokens per packed training block."})
     drop_remainder: bool = field(default=False, metadata={
         "help": "Drop the last partial block (classic group_texts) instead of padding and masking it."})
+    packing_strategy: str = field(default="group_texts", metadata={
+        "help": "group_texts: concatenate documents and cut every block_size tokens (no padding; most documents "
+                "straddle two blocks). best_fit: documents that fit in a block are never cut (best-fit decreasing, "
+                "like the SFT packer), longer ones are cut into blocks and their last piece packed like a short "
+                "document; each block's free tail is masked padding (report.json: padded_tokens)."})
     preprocessing_num_workers: int | None = field(default=None, metadata={"help": "Processes for preparation."})
     overwrite_cache: bool = field(default=False, metadata={"help": "Ignore cached preparation results."})
     lenient: bool = field(default=True, metadata={
@@ -122,6 +127,11 @@ class DataArguments:
                              "one from the training sources: give one or the other")
         if self.txt_unit not in ("file", "line", "paragraph"):
             raise ValueError("--txt_unit must be file, line or paragraph")
+        if self.packing_strategy not in ("group_texts", "best_fit"):
+            raise ValueError(f"--packing_strategy {self.packing_strategy}: group_texts or best_fit")
+        if self.packing_strategy == "best_fit" and self.drop_remainder:
+            raise ValueError("--drop_remainder drops group_texts' last partial block; best_fit pads every block "
+                             "and has no remainder: give one or the other")
         if self.block_size < 2:
             raise ValueError("--block_size must be at least 2")
 
@@ -204,6 +214,7 @@ class TrainArguments(TrainingArguments):
         if self.use_liger_kernel and not (torch.cuda.is_available() and not self.use_cpu
                                           and importlib.util.find_spec("liger_kernel")):
             # Its kernels are Triton GPU kernels; without them the model's own layers run (same results).
+            logger.info("Liger kernels off: they need a CUDA GPU and the liger-kernel package")
             self.use_liger_kernel = False
         if self.bf16 and not self.use_cpu and not self.deepspeed and not torch.cuda.is_available():
             # PyTorch runs bf16 autocast on CPUs, but transformers refuses --bf16 there unless told use_cpu.
