@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import copy
 import inspect
+import json
 import math
 import re
 
@@ -226,3 +227,21 @@ def test_lora_dpo_has_no_second_model(tiny_model_dir, tiny_tokenizer, tmp_path):
         torch.testing.assert_close(sequence_logps(trainer.model, batch), base)
     after = sequence_logps(trainer.model, batch)
     assert ((after.chunk(2)[0] - after.chunk(2)[1]) > (base.chunk(2)[0] - base.chunk(2)[1])).all()
+
+
+def test_json_array_and_parquet_pairs_read_like_jsonl(tiny_tokenizer, write_jsonl, tmp_path):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    jsonl = write_jsonl(PAIRS[:2])
+    array = tmp_path / "pairs.json"
+    array.write_text(json.dumps(PAIRS[:2]))
+    parquet = tmp_path / "pairs.parquet"
+    pq.write_table(pa.Table.from_pylist([{"prompt": p["prompt"], "chosen": p["chosen"], "rejected": p["rejected"]}
+                                         for p in PAIRS[1:2]] * 2), parquet)  # message-list columns
+    read = [prepare_preference_data(PreferenceDataArguments(train_files=[str(path)], validation_split_percentage=0),
+                                        tiny_tokenizer)[0]["train"] for path in (jsonl, array)]
+    assert read[0].to_list() == read[1].to_list()
+    from_parquet = prepare_preference_data(PreferenceDataArguments(train_files=[str(parquet)],
+                                                                   validation_split_percentage=0), tiny_tokenizer)
+    assert from_parquet[0]["train"].to_list() == [read[0][1]] * 2
