@@ -182,6 +182,9 @@ class TrainArguments(TrainingArguments):
     max_nonfinite_steps: int = field(default=5, metadata={
         "help": "Stop after this many consecutive optimizer steps with a NaN/Inf loss or gradient norm (each is "
                 "skipped: weights and optimizer state unchanged); 0: skip them without ever stopping."})
+    dataloader_num_workers: int = field(default=-1, metadata={
+        "help": "Processes that collate batches ahead of the step. -1 (default): 2 on a GPU (the setting of the "
+                "speed figures in docs/PERFORMANCE.md), 0 on a CPU, where workers would take cores from training."})
     use_liger_kernel: bool = field(default=True, metadata={
         "help": "Liger's fused Triton kernels on a CUDA GPU: a linear + cross-entropy that never materializes the "
                 "vocabulary-wide logits, RMSNorm, RoPE and SwiGLU. On by default where liger-kernel is installed "
@@ -211,6 +214,8 @@ class TrainArguments(TrainingArguments):
             self.metric_for_best_model, self.greater_is_better = "eval_loss", False
         import torch
 
+        if self.dataloader_num_workers == -1:
+            self.dataloader_num_workers = 2 if torch.cuda.is_available() and not self.use_cpu else 0
         if self.use_liger_kernel and not (torch.cuda.is_available() and not self.use_cpu
                                           and importlib.util.find_spec("liger_kernel")):
             # Its kernels are Triton GPU kernels; without them the model's own layers run (same results).

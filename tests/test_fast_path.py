@@ -99,7 +99,9 @@ def test_auto_attention_and_liger_switch_themselves_off_without_a_gpu(caplog):
         assert "varlen attention needs a CUDA GPU" in caplog.text
         from lmtrain.arguments import TrainArguments
 
-        assert TrainArguments(output_dir="/tmp/x", report_to="none").use_liger_kernel is False
+        arguments = TrainArguments(output_dir="/tmp/x", report_to="none")
+        assert arguments.use_liger_kernel is False
+        assert arguments.dataloader_num_workers == 0  # -1: 2 workers on a GPU, none on a CPU
 
 
 def test_explicit_vocab_size_is_kept_and_a_too_small_one_refused(tiny_tokenizer):
