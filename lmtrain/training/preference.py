@@ -21,11 +21,10 @@ from dataclasses import MISSING, fields
 
 from transformers import Trainer
 
-from lmtrain.training.callbacks import CurvePlotCallback, PlannedStopCallback, ThroughputCallback
+from lmtrain.training.callbacks import ThroughputCallback
 from lmtrain.training.guards import StepGuard
 from lmtrain.training.reporting import configure_reporting
-from lmtrain.training.signals import PreemptionCallback
-from lmtrain.training.trainer import LMTrainer
+from lmtrain.training.trainer import LMTrainer, trainer_callbacks
 
 logger = logging.getLogger(__name__)
 TOKENIZED_COLUMNS = ("prompt_ids", "chosen_ids", "rejected_ids")
@@ -90,13 +89,7 @@ def build_preference_trainer(model, ref_model, tokenizer, args, train_dataset, e
     os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
     complete_dpo_config(args)
     configure_reporting(args)
-    callbacks = [CurvePlotCallback()] if args.plot_curves else []
-    planned = PlannedStopCallback(args.stop_after_steps)
-    callbacks += [PreemptionCallback(planned), planned]  # this order: a signal's extra save is a planned one
-    if args.early_stopping_patience:
-        from transformers import EarlyStoppingCallback
-
-        callbacks.append(EarlyStoppingCallback(early_stopping_patience=args.early_stopping_patience))
+    callbacks = trainer_callbacks(args)
     trainer = _dpo_trainer_class()(
         model=model, ref_model=ref_model, args=args, train_dataset=train_dataset, eval_dataset=eval_dataset,
         processing_class=tokenizer, callbacks=callbacks,

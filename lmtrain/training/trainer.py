@@ -18,6 +18,7 @@ from lmtrain.training.checkpoints import (check_checkpoint_fits, checkpoint_step
 from lmtrain.training.guards import NonFiniteStop, StepGuard
 from lmtrain.training.signals import PreemptionCallback, signal_name
 from lmtrain.data.collators import REAL_TOKENS_KEY, CountingCollator, collate_packed_blocks
+from lmtrain.training.losses import loss_function_for
 from lmtrain.training.metrics import eval_figures, token_loss_stats
 from lmtrain.training.reporting import configure_reporting, log_samples
 
@@ -206,9 +207,8 @@ class LMTrainer(Trainer):
 
 
 
-def build_trainer(model, tokenizer, args, train_dataset, eval_dataset=None, data_collator=collate_packed_blocks,
-                  eval_bytes_per_token: float | None = None) -> LMTrainer:
-    configure_reporting(args)
+def trainer_callbacks(args) -> list:
+    """The callbacks of every stage's trainer (LMTrainer here, the DPO trainer in training/preference.py)."""
     callbacks = [CurvePlotCallback()] if args.plot_curves else []
     # Always present: it also retires the checkpoints of earlier planned stops (see PlannedStopCallback).
     planned = PlannedStopCallback(args.stop_after_steps)
@@ -217,8 +217,16 @@ def build_trainer(model, tokenizer, args, train_dataset, eval_dataset=None, data
         from transformers import EarlyStoppingCallback
 
         callbacks.append(EarlyStoppingCallback(early_stopping_patience=args.early_stopping_patience))
+    return callbacks
+
+
+def build_trainer(model, tokenizer, args, train_dataset, eval_dataset=None, data_collator=collate_packed_blocks,
+                  eval_bytes_per_token: float | None = None) -> LMTrainer:
+    configure_reporting(args)
+    callbacks = trainer_callbacks(args)
     return LMTrainer(model=model, args=args, train_dataset=train_dataset, eval_dataset=eval_dataset,
                      data_collator=data_collator, processing_class=tokenizer, callbacks=callbacks,
+                     compute_loss_func=loss_function_for(args),  # label smoothing / z-loss, else the model's
                      eval_bytes_per_token=eval_bytes_per_token,
                      throughput=ThroughputCallback(model, peak_tflops=args.peak_tflops),
                      guard=StepGuard(args.max_nonfinite_steps))
