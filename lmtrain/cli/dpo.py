@@ -27,7 +27,7 @@ import logging
 
 from lmtrain.arguments import DPOTrainArguments, LoraArguments, ModelArguments, PreferenceDataArguments
 from lmtrain.cli.parsing import parse_arguments
-from lmtrain.data.preference import load_preference_data
+from lmtrain.data.loading import load_training_data
 from lmtrain.errors import UserError
 from lmtrain.model.building import build_model
 from lmtrain.model.lora import apply_lora, save_lora_model
@@ -56,7 +56,7 @@ def main(argv=None):
     if lora_args.use_lora:
         model = apply_lora(model, lora_args)
     reference = build_reference_model(model_args, tokenizer, training_args, lora_args.use_lora)
-    data = load_preference_data(data_args, tokenizer, training_args, model.config.max_position_embeddings)
+    data = load_training_data("dpo", data_args, tokenizer, training_args, model.config.max_position_embeddings)
 
     trainer = build_preference_trainer(model, reference, tokenizer, training_args, data.train, data.validation)
     evaluate = data.validation is not None and training_args.eval_strategy != "no"

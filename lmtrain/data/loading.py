@@ -27,7 +27,7 @@ from lmtrain.data.sources import DataError
 
 logger = logging.getLogger(__name__)
 _WARNED: set[str] = set()  # prepared directories already warned about (warn once per process)
-STAGES = ("pretrain", "sft")
+STAGES = ("pretrain", "sft", "dpo")
 
 
 @dataclass
@@ -45,13 +45,14 @@ class TrainingData:
 
 
 def load_training_data(stage: str, args, tokenizer, training_args=None, max_positions: int | None = None) -> TrainingData:
-    """The data of a `stage` run ("pretrain": DataArguments, "sft": SFTDataArguments). `max_positions`: the
+    """The data of a `stage` run ("pretrain": DataArguments, "sft": SFTDataArguments, "dpo":
+    PreferenceDataArguments). `max_positions`: the
     model's max_position_embeddings, checked against the row length before any data is tokenized.
     `training_args` (None in tools and tests): preparation on the main process first, data_report.json in
     output_dir, and whether evaluation needs a validation split."""
     if stage not in STAGES:
         raise ValueError(f"stage {stage!r}: one of {', '.join(STAGES)}")
-    load = _load_pretrain if stage == "pretrain" else _load_sft
+    load = {"pretrain": _load_pretrain, "sft": _load_sft, "dpo": _load_preference}[stage]
     data = load(args, tokenizer, training_args, max_positions)
     if training_args is not None and training_args.process_index == 0:
         os.makedirs(training_args.output_dir, exist_ok=True)
@@ -84,6 +85,20 @@ def _load_sft(args, tokenizer, training_args, max_positions: int | None) -> Trai
     train = limit_rows(data["train"], args.max_train_samples, args.prepare_seed)
     return TrainingData(train, data.get("validation"), collator, args.max_length if args.packing else None,
                         None, report)
+
+
+def _load_preference(args, tokenizer, training_args, max_positions: int | None) -> TrainingData:
+    """Preference pairs (lmtrain/data/preference.py); the collator is TRL's, built by DPOTrainer (None here)."""
+    from lmtrain.data.preference import prepare_preference_data
+    from lmtrain.data.sft import limit_rows
+
+    check_positions(args.max_length, max_positions, "--max_length: the preference sequences", "Pass", "--max_length")
+    evaluate = training_args is not None and training_args.eval_strategy != "no"
+    # No cache to share: every rank reads and encodes the pairs itself (the same result; the main process first).
+    data, report = _prepared_once(training_args, "preparing preference data",
+                                  lambda: prepare_preference_data(args, tokenizer, evaluate))
+    return TrainingData(limit_rows(data["train"], args.max_train_samples, args.prepare_seed), data.get("validation"),
+                        None, None, None, report)
 
 
 def _limit(dataset: datasets.Dataset | None, count: int | None):

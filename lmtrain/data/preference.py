@@ -16,9 +16,7 @@ naming file:line, with the same wording as the other stages.
 """
 from __future__ import annotations
 
-import json
 import logging
-import os
 from collections import Counter
 from dataclasses import dataclass, field
 
@@ -26,7 +24,7 @@ import datasets
 import numpy as np
 
 from lmtrain.data.chat_render import RecordProblem, render_conversation
-from lmtrain.data.sft import check_messages, limit_rows, to_messages
+from lmtrain.data.sft import check_messages, to_messages
 from lmtrain.data.sources import DataError, ReadStats, read_hub_records, read_records
 
 logger = logging.getLogger(__name__)
@@ -241,22 +239,3 @@ def prepare_preference_data(args, tokenizer, evaluate: bool = False) -> tuple[da
                 "dropped %s", stats.pairs, len(train), len(validation), stats.truncated, stats.prompt_truncated,
                 dict(stats.dropped) or "none")
     return datasets.DatasetDict(splits), report
-
-
-def load_preference_data(args, tokenizer, training_args=None, max_positions: int | None = None):
-    """The data of a DPO run, as load_training_data gives the other stages: TrainingData with the train and
-    validation pairs; the collator is TRL's DataCollatorForPreference, which DPOTrainer builds (None here)."""
-    from lmtrain.data.loading import TrainingData, _prepared_once, check_positions, select_eval_blocks
-
-    check_positions(args.max_length, max_positions, "--max_length: the preference sequences", "Pass", "--max_length")
-    evaluate = training_args is not None and training_args.eval_strategy != "no"
-    # No cache to share: every rank reads and encodes the pairs itself (the same result; the main process first).
-    data, report = _prepared_once(training_args, "preparing preference data",
-                                  lambda: prepare_preference_data(args, tokenizer, evaluate))
-    if training_args is not None and training_args.process_index == 0:
-        os.makedirs(training_args.output_dir, exist_ok=True)
-        with open(os.path.join(training_args.output_dir, "data_report.json"), "w", encoding="utf-8") as handle:
-            json.dump(report, handle, indent=2, default=str)
-    train = limit_rows(data["train"], args.max_train_samples, args.prepare_seed)
-    validation = select_eval_blocks(data.get("validation"), args.max_eval_samples, args.prepare_seed)
-    return TrainingData(train, validation, None, None, None, report)
