@@ -84,10 +84,14 @@ sft)
   ours sft-padding-free --stage sft --config qwen2.5-0.5b --seq 2048 --batch 8 --steps 30 --packing false --padding_free true
   ours sft-packed --stage sft --config qwen2.5-0.5b --seq 2048 --batch 8 --steps 30
   ;;
-memory)
-  for shape in ${SHAPES:-qwen2.5-1.5b}; do
-    ours "mem-$shape-z2" --config "$shape" --batch 1 --steps 12 --skip_steps 5 ${MEMFLAGS:-}
+memory)  # the largest shapes per strategy: llama-7b (6.7B) under each; a 13B LLaMA shape with offload
+  LLAMA13B=hidden_size=5120,intermediate_size=13824,num_hidden_layers=40,num_attention_heads=40,num_key_value_heads=40,vocab_size=32000
+  for ds in zero2 zero3 zero3_offload; do
+    ours "mem-llama-7b-$ds" --config llama-7b --vocab 32000 --batch 1 --steps 8 --skip_steps 3 --logging_steps 1 \
+      --gradient_checkpointing --deepspeed "ds_configs/$ds.json"
   done
+  ours mem-llama-13b-zero3_offload --config llama-7b --vocab 0 --config_overrides "$LLAMA13B" --batch 1 \
+    --steps 6 --skip_steps 2 --logging_steps 1 --gradient_checkpointing --deepspeed ds_configs/zero3_offload.json
   ;;
 esac
 done
