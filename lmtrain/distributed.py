@@ -107,3 +107,22 @@ def main_process_first(training_args, desc: str):
     yield
     if first:
         dist.barrier(group=group)
+
+
+def global_batch_rows(training_args) -> int:
+    """Rows per optimizer step over all processes. accelerate gives each rank its own micro-batches of
+    --per_device_train_batch_size rows (a distributed sampler), so the optimizer step averages
+    per-device batch x accumulation x world size rows; the learning rate and the steps per epoch follow it."""
+    return (training_args.per_device_train_batch_size * training_args.gradient_accumulation_steps
+            * max(training_args.world_size, 1))
+
+
+def log_global_batch(training_args):
+    """One line on rank 0: the global batch and its factors, so a run on another GPU count shows at once whether
+    it still takes steps of the same size (a resume on another world size needs the same global batch)."""
+    if training_args.process_index != 0:
+        return
+    logger.info("global batch: %d rows per optimizer step = %d per device x %d accumulation x %d process%s",
+                global_batch_rows(training_args), training_args.per_device_train_batch_size,
+                training_args.gradient_accumulation_steps, training_args.world_size,
+                "" if training_args.world_size == 1 else "es")

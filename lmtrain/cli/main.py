@@ -28,6 +28,8 @@ COMMANDS = {
     "export": ("export", "export.py", "export a checkpoint or LoRA run to a Hugging Face / GGUF model"),
     "plot": ("plot", "plot.py", "plot training curves of one or more runs"),
     "plan": ("plan", "plan.py", "plan a run: parameters, FLOPs, memory per GPU, micro-batch, time and cost"),
+    "convert-checkpoint": ("convert_checkpoint", "-m lmtrain.cli.convert_checkpoint",
+                           "a DeepSpeed checkpoint to a universal one (resume on another GPU count) or an HF model"),
 }
 
 

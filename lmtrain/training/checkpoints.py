@@ -23,11 +23,12 @@ logger = logging.getLogger(__name__)
 CHECKPOINT_MARKER = "lmtrain_checkpoint.json"
 
 
-def write_checkpoint_marker(path: Path, step: int, world_size: int, zero_stage: int | None):
+def write_checkpoint_marker(path: Path, step: int, world_size: int, zero_stage: int | None, extra: dict | None = None):
+    """`extra`: more facts a resume checks (the global batch; the universal copy, training/checkpoint_conversion.py)."""
     files = {str(f.relative_to(path)): f.stat().st_size for f in sorted(path.rglob("*"))
              if f.is_file() and f.name != CHECKPOINT_MARKER}
-    record = {"step": step, "world_size": world_size, "zero_stage": zero_stage, "saved_at": time.time(),
-              "files": files}
+    record = {"step": step, "world_size": world_size, "zero_stage": zero_stage, **(extra or {}),
+              "saved_at": time.time(), "files": files}
     tmp = path / (CHECKPOINT_MARKER + ".tmp")
     tmp.write_text(json.dumps(record, indent=1), encoding="utf-8")
     os.replace(tmp, path / CHECKPOINT_MARKER)  # atomic: a crash leaves either no marker or a whole one
@@ -218,6 +219,16 @@ def _start_fresh(args, output: Path):
 
 
 def resolve_resume(args) -> str | None:
+    """The checkpoint to resume from (_resume_decision), checked against this run's world size and global batch
+    before anything is loaded (a ZeRO checkpoint of another world size needs its universal copy)."""
+    from lmtrain.training.checkpoint_conversion import check_resume_world
+
+    found = _resume_decision(args)
+    check_resume_world(args, found)
+    return found
+
+
+def _resume_decision(args) -> str | None:
     """The checkpoint to resume from, and the output-dir policy:
     - --resume_from_checkpoint PATH: that checkpoint;
     - --overwrite_output_dir: start fresh (the earlier checkpoints are deleted, see _start_fresh);
@@ -245,11 +256,6 @@ def resolve_resume(args) -> str | None:
     found = find_resume_checkpoint(args.output_dir)
     if found:
         logger.info("resuming from %s (the newest complete checkpoint in output_dir)", found)
-        record = read_checkpoint_marker(Path(found)) or {}
-        if record.get("zero_stage") and record.get("world_size") not in (None, args.world_size):
-            logger.warning("%s was written by %s ranks under ZeRO stage %s and this run has %d: DeepSpeed may not "
-                           "load its partitioned optimizer states", found, record["world_size"], record["zero_stage"],
-                           args.world_size)
         return found
     ours = _early_run_files(args)
     foreign = sorted(p.name for p in output.iterdir()
@@ -333,6 +339,9 @@ def save_checkpoint_with_marker(trainer: Trainer, save):
         zero_stage = None
         if trainer.is_deepspeed_enabled:
             zero_stage = trainer.accelerator.state.deepspeed_plugin.zero_stage
-        write_checkpoint_marker(folder, trainer.state.global_step, args.world_size, zero_stage)
+        from lmtrain.distributed import global_batch_rows
+
+        write_checkpoint_marker(folder, trainer.state.global_step, args.world_size, zero_stage,
+                                extra={"global_batch": global_batch_rows(args)})
         rotate_complete_checkpoints(args.output_dir, limit, trainer.state.best_model_checkpoint, folder)
     trainer.accelerator.wait_for_everyone()

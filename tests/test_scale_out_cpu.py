@@ -1,0 +1,218 @@
+"""Scale-out on the CPU (issue 17): what can be shown without GPUs.
+
+- Two processes (torchrun, gloo data parallel): the global batch is per-device batch x accumulation x world
+  size and rank 0 logs it once; over each epoch the ranks train on disjoint rows whose union is the whole
+  training set (row hashes recorded by tests/scale_out_probe.py); the logged loss is the mean over the ranks;
+  rank 1 writes nothing but its own RNG state, and TensorBoard gets one run.
+- A resume that cannot load what it finds (a ZeRO checkpoint of another world size, another global batch)
+  stops before anything is loaded, saying what to run.
+- DeepSpeed universal checkpoints (one process: DeepSpeed runs on CPUs in one process only): a ZeRO-2
+  checkpoint converted by `lmtrain convert-checkpoint --to universal` resumes from the universal copy alone,
+  with the uninterrupted run's losses, grad norms and consumed-token count (slow).
+- ZeRO-3 export through zero_to_fp32 (`--to hf`): the weights equal the engine's, embeddings stay tied (slow).
+
+The torchrun run costs ~35 s on 2 cores (two interpreters importing torch/transformers); the DeepSpeed
+runs ~30 s each, side by side in one fixture (`python -m pytest -m slow tests/test_scale_out_cpu.py`).
+"""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from collections import Counter
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+
+from lmtrain.data.demo_corpus import ensure_demo_corpus
+from lmtrain.tokenizer import train_bpe_tokenizer
+
+REPO = Path(__file__).resolve().parents[1]
+PROBE = Path(__file__).resolve().parent / "scale_out_probe.py"
+TINY = "hidden_size=32,intermediate_size=64,num_hidden_layers=2,num_attention_heads=2,num_key_value_heads=1"
+LAUNCHER_VARIABLES = ("MASTER_ADDR", "MASTER_PORT", "RANK", "LOCAL_RANK", "WORLD_SIZE")
+BATCH, ACCUMULATION, WORLD, ROWS, EPOCHS = 2, 2, 2, 16, 2
+GLOBAL = BATCH * ACCUMULATION * WORLD
+STEPS_PER_EPOCH = ROWS // GLOBAL
+
+
+def clean_environment(**extra) -> dict:
+    environment = {k: v for k, v in os.environ.items() if k not in LAUNCHER_VARIABLES}
+    environment.update(extra)
+    return environment
+
+
+@pytest.fixture(scope="module")
+def inputs(tmp_path_factory):
+    root = tmp_path_factory.mktemp("scale-out")
+    lines = ensure_demo_corpus().read_text(encoding="utf-8").splitlines()[:8]
+    corpus = root / "plays.jsonl"
+    corpus.write_text("\n".join(lines) + "\n", encoding="utf-8")
+    tokenizer = train_bpe_tokenizer([json.loads(line)["text"] for line in lines], vocab_size=512,
+                                    show_progress=False)
+    tokenizer.save_pretrained(root / "tokenizer")
+
+    def args(out, *extra):
+        return ["--tokenizer_name", str(root / "tokenizer"), "--train_files", str(corpus), "--block_size", "32",
+                "--config_name", "qwen2-tiny", "--config_overrides", TINY, "--learning_rate", "3e-3",
+                "--warmup_steps", "2", "--logging_steps", "1", "--seed", "7", "--dataloader_num_workers", "0",
+                "--disable_tqdm", "true", "--prepared_cache_dir", str(root / "cache"), "--output_dir", str(out),
+                *extra]
+
+    return root, args
+
+
+@pytest.fixture(scope="module")
+def two_processes(inputs):
+    """One two-process run: 16 training rows, 2 per device x 2 accumulation x 2 processes = 8 rows per step,
+    2 epochs of 2 steps, evaluation with a sample every 2 steps, a checkpoint every 2 steps, TensorBoard,
+    curves and the final model."""
+    root, args = inputs
+    out, record = root / "two", root / "record"
+    record.mkdir()
+    argv = args(out, "--per_device_train_batch_size", str(BATCH), "--gradient_accumulation_steps",
+                str(ACCUMULATION), "--max_train_samples", str(ROWS), "--num_train_epochs", str(EPOCHS),
+                "--validation_split_percentage", "20", "--max_eval_samples", "4", "--eval_strategy", "steps",
+                "--eval_steps", "2", "--save_steps", "2", "--sample_prompts", "To be", "--sample_max_new_tokens",
+                "3", "--report_to", "tensorboard", "--plot_curves", "true")
+    process = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node",
+                              str(WORLD), str(PROBE), str(record), *argv], cwd=REPO, env=clean_environment(),
+                             text=True, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, timeout=600)
+    assert process.returncode == 0, process.stdout[-4000:]
+    steps = {rank: [json.loads(line) for line in (record / f"rank{rank}.jsonl").read_text().splitlines()]
+             for rank in range(WORLD)}
+    writes = {rank: json.loads((record / f"writes{rank}.json").read_text()) for rank in range(WORLD)}
+    return SimpleNamespace(out=out, log=process.stdout, steps=steps, writes=writes,
+                           dataset=json.loads((record / "dataset.json").read_text()))
+
+
+def logged_rows(out: Path) -> dict[int, dict]:
+    history = json.loads((out / "trainer_state.json").read_text())["log_history"]
+    return {row["step"]: row for row in history if "loss" in row}
+
+
+def test_the_global_batch_is_logged_once_and_sets_the_steps(two_processes):
+    lines = [line for line in two_processes.log.splitlines() if "global batch:" in line]
+    assert len(lines) == 1, lines  # rank 0 only
+    assert f"global batch: {GLOBAL} rows per optimizer step = {BATCH} per device x {ACCUMULATION} accumulation x " \
+           f"{WORLD} processes" in lines[0]
+    assert sorted(logged_rows(two_processes.out)) == list(range(1, EPOCHS * STEPS_PER_EPOCH + 1))
+    for rank, steps in two_processes.steps.items():
+        assert all(len(step["rows"]) == BATCH * ACCUMULATION for step in steps), rank
+
+
+def test_each_epoch_trains_on_every_row_once_across_the_ranks(two_processes):
+    dataset = Counter(two_processes.dataset)
+    assert len(dataset) == ROWS == len(two_processes.dataset)  # distinct rows: a hash identifies its row
+    for epoch in range(EPOCHS):
+        per_rank = {rank: [row for step in steps if (step["step"] - 1) // STEPS_PER_EPOCH == epoch
+                           for row in step["rows"]] for rank, steps in two_processes.steps.items()}
+        assert not set(per_rank[0]) & set(per_rank[1]), epoch  # no row on both ranks
+        assert Counter(per_rank[0] + per_rank[1]) == dataset, epoch  # none twice, none skipped
+    epochs = [[row for step in two_processes.steps[0] if (step["step"] - 1) // STEPS_PER_EPOCH == e
+               for row in step["rows"]] for e in range(EPOCHS)]
+    assert epochs[0] != epochs[1]  # the sampler reshuffles per epoch
+
+
+def test_the_logged_loss_is_the_mean_over_the_ranks(two_processes):
+    logged = logged_rows(two_processes.out)
+    for step, row in logged.items():
+        per_rank = [sum(s["losses"]) for rank in range(WORLD) for s in two_processes.steps[rank] if s["step"] == step]
+        assert len(per_rank) == WORLD, step
+        assert row["loss"] == pytest.approx(sum(per_rank) / WORLD, rel=1e-4), (step, per_rank)
+        assert row["loss"] < 0.75 * sum(per_rank), step  # not the sum of the ranks' losses
+
+
+def test_only_rank_0_writes_logs_reports_samples_and_the_model(two_processes):
+    out, writes = two_processes.out, two_processes.writes
+    # rank 1's only files: its RNG state in each checkpoint (each rank resumes its own random stream), and the
+    # preflight's write check (an unnamed O_TMPFILE file opened on output_dir itself: "."), made on every rank
+    assert sorted(writes[1]) == [".", "checkpoint-2/rng_state_1.pth", "checkpoint-4/rng_state_1.pth"], writes[1]
+    written = set(writes[0])
+    for name in ("lmtrain_config.json", "data_report.json", "samples.jsonl", "trainer_state.json", "all_results.json",
+                 "lmtrain_complete.tmp", "model.safetensors", "checkpoint-2/model.safetensors", "checkpoint-2/optimizer.pt",
+                 "checkpoint-2/rng_state_0.pth", "checkpoint-4/lmtrain_checkpoint.json.tmp", "training_curves.png"):
+        assert name in written, name  # the audit sees what rank 0 writes (lmtrain_complete: written, then renamed)
+    events = list((out / "runs").rglob("events.out.tfevents.*"))
+    assert len(events) == 1, events  # one TensorBoard run, not one per rank
+    samples = [json.loads(line) for line in (out / "samples.jsonl").read_text().splitlines()]
+    assert Counter(s["step"] for s in samples) == {step: 1 for step in range(2, EPOCHS * STEPS_PER_EPOCH + 1, 2)}
+    assert (out / "training_curves.png").is_file() and (out / "model.safetensors").is_file()
+    logged = [line for line in two_processes.log.splitlines() if line.startswith("{'loss'")]
+    assert len(logged) == EPOCHS * STEPS_PER_EPOCH, logged  # each step's log line printed once
+
+
+# --- resume checks: fast, without DeepSpeed --------------------------------------------------------------
+
+def fake_checkpoint(out: Path, step: int, world_size: int, zero_stage, global_batch: int, universal=False) -> Path:
+    from lmtrain.training.checkpoints import write_checkpoint_marker
+
+    path = out / f"checkpoint-{step}"
+    (path / f"global_step{step}").mkdir(parents=True)
+    (path / "latest").write_text(f"global_step{step}")
+    (path / "trainer_state.json").write_text(json.dumps({"global_step": step}))
+    if universal:
+        (path / f"global_step{step}_universal").mkdir()
+        (path / "latest_universal").write_text(f"global_step{step}_universal")
+    write_checkpoint_marker(path, step, world_size, zero_stage, extra={"global_batch": global_batch})
+    return path
+
+
+def run_args(out: Path, world_size=1, batch=4, accumulation=1, deepspeed="ds_configs/zero2.json"):
+    return SimpleNamespace(output_dir=str(out), resume_from_checkpoint=None, overwrite_output_dir=False,
+                           logging_dir=None, process_index=0, world_size=world_size,
+                           per_device_train_batch_size=batch, gradient_accumulation_steps=accumulation,
+                           deepspeed=deepspeed, hf_deepspeed_config=SimpleNamespace(config={}))
+
+
+def test_a_zero_checkpoint_of_another_world_size_stops_with_the_command_to_run(tmp_path):
+    from lmtrain.errors import UserError
+    from lmtrain.training.checkpoints import resolve_resume
+
+    path = fake_checkpoint(tmp_path, 8, world_size=2, zero_stage=2, global_batch=8)
+    with pytest.raises(UserError, match=r"written by 2 processes under ZeRO-2 and this run has 1.*\n.*lmtrain "
+                                        rf"convert-checkpoint --checkpoint {path} --to universal"):
+        resolve_resume(run_args(tmp_path, world_size=1, batch=4, accumulation=2))
+    args = run_args(tmp_path, world_size=2, batch=2, accumulation=2)  # the same world and global batch: fine
+    assert resolve_resume(args) == str(path) and "checkpoint" not in args.hf_deepspeed_config.config
+
+
+def test_a_resume_with_another_global_batch_stops_before_loading(tmp_path):
+    from lmtrain.errors import UserError
+    from lmtrain.training.checkpoints import resolve_resume
+
+    fake_checkpoint(tmp_path, 8, world_size=1, zero_stage=None, global_batch=8)
+    with pytest.raises(UserError, match=r"global batch of 8 rows per step and this run's is 4 \(4 per device x 1 "
+                                        r"accumulation x 1 processes\).*--global_batch_size 8"):
+        resolve_resume(run_args(tmp_path, deepspeed=None))
+
+
+def test_a_universal_checkpoint_loads_on_another_world_size_through_deepspeed_only(tmp_path):
+    from lmtrain.errors import UserError
+    from lmtrain.training.checkpoints import resolve_resume
+
+    path = fake_checkpoint(tmp_path, 8, world_size=2, zero_stage=2, global_batch=8, universal=True)
+    args = run_args(tmp_path, world_size=1, batch=4, accumulation=2)
+    assert resolve_resume(args) == str(path)
+    assert args.hf_deepspeed_config.config["checkpoint"] == {"load_universal": True}
+    with pytest.raises(UserError, match="universal checkpoint .*add --deepspeed"):
+        resolve_resume(run_args(tmp_path, world_size=1, batch=4, accumulation=2, deepspeed=None))
+
+
+def test_convert_checkpoint_refuses_a_checkpoint_without_zero_states(tmp_path):
+    from lmtrain.cli.convert_checkpoint import main
+    from lmtrain.errors import UserError
+    from lmtrain.training.checkpoints import write_checkpoint_marker
+
+    path = tmp_path / "checkpoint-2"
+    path.mkdir()
+    (path / "model.safetensors").write_bytes(b"x")
+    write_checkpoint_marker(path, 2, 1, None)
+    with pytest.raises(UserError, match="no DeepSpeed ZeRO states.*resumes on any number of processes as it is"):
+        main(["--checkpoint", str(path), "--to", "universal"])
+    with pytest.raises(UserError, match="not a complete checkpoint"):
+        main(["--checkpoint", str(tmp_path / "checkpoint-9"), "--to", "universal"])
+    with pytest.raises(UserError, match="--to hf needs --output_dir"):
+        main(["--checkpoint", str(path), "--to", "hf"])
