@@ -422,3 +422,65 @@ def test_bad_input_is_one_error_line_and_exit_2(flags, message, tmp_path, capsys
     assert exit_info.value.code == EXIT_USER_ERROR
     error = capsys.readouterr().err.strip().splitlines()
     assert len(error) == 1 and error[0].startswith("error: ") and message in error[0]
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--train_tokens", "5B", "--max_steps", "100"], "both set the tokens of the run"),
+    (["--strategy", "zero3", "--deepspeed", "ds_configs/zero2.json"], "disagree: give one of them"),
+    (["--global_batch_size", "64", "--gradient_accumulation_steps", "3"], "--gradient_accumulation_steps 3 and"),
+    (["--compute_budget", "1e20", "--gpu_hours", "10"], "not both"),
+    (["--dataset_path", "no/such/dir"], "--dataset_path no/such/dir: not a prepared directory"),
+])
+def test_conflicting_or_missing_inputs_are_refused(flags, message, tmp_path, capsys):
+    from lmtrain.cli.plan import main
+
+    with pytest.raises(SystemExit):
+        run_entry_point(main, ["--config_name", "qwen2.5-0.5b", *flags, "--output_dir", str(tmp_path)])
+    error = capsys.readouterr().err.strip().splitlines()
+    assert len(error) == 1 and message in error[0], error
+
+
+@pytest.mark.parametrize("text, flag, message", [
+    ('{"hidden_size": 64,', "--config_name", "not a model config transformers can read"),
+    ('{"hidden_size": 64}', "--config_name", "needs a model_type"),
+    ('{"model_type": "qwen2", "hidden_size": -5}', "--config_name", "hidden_size -5 must be a positive"),
+    ('{"model_type": "qwen2", "num_attention_heads": 14, "num_key_value_heads": 4}', "--config_name",
+     "not a multiple of num_key_value_heads"),
+    ('{"zero_optimization": {"stage": 2', "--deepspeed", "cannot be read as JSON"),
+    ('[1, 2]', "--deepspeed", "expected a DeepSpeed config"),
+])
+def test_malformed_files_name_the_flag_and_file(text, flag, message, tmp_path, capsys):
+    from lmtrain.cli.plan import main
+
+    path = tmp_path / "given.json"
+    path.write_text(text)
+    flags = [flag, str(path)] + (["--config_name", "qwen2.5-0.5b"] if flag == "--deepspeed" else [])
+    with pytest.raises(SystemExit) as exit_info:
+        run_entry_point(main, flags + ["--output_dir", str(tmp_path / "plan")])
+    assert exit_info.value.code == EXIT_USER_ERROR
+    error = capsys.readouterr().err.strip().splitlines()
+    assert len(error) == 1 and f"{flag} {path}" in error[0] and message in error[0], error
+
+
+def test_zero2_memory_of_qwen2_5_0_5b_by_hand():
+    """Parameters and the ZeRO-2 peak at 8 x 2048 (bf16, Liger, varlen with repeated k/v heads), counted here from
+    the config's numbers alone, term by term, as docs/PLANNER.md derives them."""
+    from lmtrain.model.config import resolve_config
+    from lmtrain.planning.memory import attention_layout
+
+    h, inter, layers, heads, kv_heads, vocab = 896, 4864, 24, 14, 2, 151936
+    head_dim, tokens = h // heads, 8 * 2048
+    layer = (h * h + h) + 2 * (h * kv_heads * head_dim + kv_heads * head_dim) + h * h + 3 * h * inter + 2 * h
+    n = vocab * h + layers * layer + h          # tied embedding, final norm
+    assert n == 494_032_768
+    per_layer_token = 2 * (2 * h + 4) + 2 * 2 * h + (2 * h + 4 * h + 2 * h + 4 * heads) + 3 * 2 * inter
+    activations = tokens * (layers * per_layer_token + (2 * h + 4) + 24) + 2048 * 2 * head_dim * 2
+    chunk = 128                                  # next_pow2(ceil(16384 / ceil(151936 / 896))) = next_pow2(97)
+    logits = tokens * (2 * h + 4) + chunk * vocab * 2 + vocab * h * 2
+    expected = 2 * n + 12 * n + activations + logits   # bf16 weights, fp32 master + m + v; no gradients yet
+    shape = shape_of(resolve_config("qwen2.5-0.5b"))
+    estimate = estimate_memory(shape, TrainingSetup(8, 2048, strategy="zero2", liger=True, fused_cross_entropy=True,
+                                                    **attention_layout("varlen", False)))
+    assert shape.parameters() == n
+    assert estimate.peak_moment == "backward start" and estimate.total == expected
+    assert round(expected / 2 ** 30, 2) == 22.75   # measured 23.65 GiB (loss-fast-0.5b, H200, 2026-12-02)

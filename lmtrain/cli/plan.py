@@ -120,6 +120,9 @@ def dataset_section(args, tokenizer, seq_length: int):
 def training_setup(args, seq_length: int, attention: str) -> TrainingSetup:
     liger = args.use_liger_kernel
     fields = setup_from_deepspeed(args.deepspeed) if args.deepspeed else {"strategy": "none"}
+    if args.strategy and args.deepspeed and args.strategy != fields["strategy"]:
+        raise UserError(f"--strategy {args.strategy} and --deepspeed {args.deepspeed} ({fields['strategy']}) disagree: "
+                        "give one of them (--deepspeed plans that very config; --strategy stands in for it)")
     if args.strategy:
         fields["strategy"] = args.strategy
     fused = liger if args.fused_cross_entropy is None else args.fused_cross_entropy

@@ -35,7 +35,8 @@ class PlanArguments:
     max_steps: int | None = field(default=None, metadata={"help": "Optimizer steps (as pretrain.py)."})
     num_train_epochs: float = field(default=1.0, metadata={"help": "Epochs over the dataset, for its token count."})
     per_device_train_batch_size: int = field(default=8, metadata={"help": "Micro-batch per GPU, in rows."})
-    gradient_accumulation_steps: int = field(default=1, metadata={"help": "Micro-batches per optimizer step."})
+    gradient_accumulation_steps: int | None = field(default=None, metadata={
+        "help": "Micro-batches per optimizer step (default 1, or what --global_batch_size makes it)."})
     global_batch_size: int | None = field(default=None, metadata={
         "help": "Rows per optimizer step over all GPUs; sets the accumulation (as in pretrain.py)."})
     gradient_checkpointing: bool = field(default=False, metadata={"help": "Recompute layers in the backward."})
@@ -78,6 +79,9 @@ class PlanArguments:
             raise ValueError("--dataset_path is already prepared data; do not also give --train_files")
         if self.compute_budget and self.gpu_hours:
             raise ValueError("give --compute_budget (FLOPs) or --gpu_hours, not both")
+        if self.train_tokens and self.max_steps:
+            raise ValueError(f"--train_tokens {self.train_tokens} and --max_steps {self.max_steps} both set the tokens "
+                             "of the run: give one of them")
         for name in ("block_size", "max_length", "per_device_train_batch_size", "gradient_accumulation_steps",
                      "num_gpus", "max_steps", "global_batch_size", "max_samples", "num_train_epochs", "gpu_hours",
                      "gpu_memory_gib", "peak_tflops", "mfu", "price_per_gpu_hour"):
@@ -93,7 +97,15 @@ class PlanArguments:
             if self.global_batch_size % per_step:
                 raise ValueError(f"--global_batch_size {self.global_batch_size} is not a multiple of "
                                  f"--per_device_train_batch_size x --num_gpus = {per_step}")
-            self.gradient_accumulation_steps = self.global_batch_size // per_step
+            accumulation = self.global_batch_size // per_step
+            if self.gradient_accumulation_steps not in (None, accumulation):  # as pretrain.py refuses it
+                raise ValueError(f"--gradient_accumulation_steps {self.gradient_accumulation_steps} and "
+                                 f"--global_batch_size {self.global_batch_size} disagree ({self.global_batch_size} = "
+                                 f"{self.per_device_train_batch_size} x {accumulation} x {self.num_gpus} GPUs): "
+                                 "give one of them")
+            self.gradient_accumulation_steps = accumulation
+        elif self.gradient_accumulation_steps is None:
+            self.gradient_accumulation_steps = 1
 
     @property
     def seq_length(self) -> int:

@@ -247,7 +247,11 @@ def setup_from_deepspeed(path: str) -> dict:
             config = json.load(handle)
     except (OSError, ValueError) as error:
         raise UserError(f"--deepspeed {path}: cannot be read as JSON ({error})") from error
-    zero = config.get("zero_optimization") or {}
+    zero = config.get("zero_optimization") if isinstance(config, dict) else None
+    if not isinstance(config, dict) or not isinstance(zero or {}, dict):
+        raise UserError(f"--deepspeed {path}: expected a DeepSpeed config, a JSON object whose zero_optimization is "
+                        "an object (e.g. ds_configs/zero2.json)")
+    zero = zero or {}
     stage = zero.get("stage", 0)
     offload = {(zero.get(key) or {}).get("device", "none") for key in ("offload_optimizer", "offload_param")}
     if stage not in (1, 2, 3):

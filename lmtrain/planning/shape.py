@@ -62,14 +62,26 @@ class ModelShape:
         return asdict(self)
 
 
-def shape_of(config) -> ModelShape:
-    """The shape of a transformers config (a text config; multimodal wrappers are not planned)."""
+def shape_of(config, where: str = "model config") -> ModelShape:
+    """The shape of a transformers config (a text config; multimodal wrappers are not planned); `where` names
+    the config in error messages."""
     model_type = getattr(config, "model_type", "?")
     if model_type not in KNOWN_TYPES:
         raise UserError(f"the planner knows the layer layout of {', '.join(KNOWN_TYPES)} models; this config is "
                         f"'{model_type}'. Plan a config of one of those families (e.g. --config_name qwen2.5-0.5b)")
+    sizes = {name: getattr(config, name, None) for name in ("vocab_size", "hidden_size", "intermediate_size",
+                                                            "num_hidden_layers", "num_attention_heads")}
+    sizes["num_key_value_heads"] = getattr(config, "num_key_value_heads", None) or sizes["num_attention_heads"]
+    for name, value in sizes.items():
+        if not isinstance(value, int) or value <= 0:
+            raise UserError(f"{where}: {name} {value!r} must be a positive whole number")
     heads = config.num_attention_heads
+    if heads % sizes["num_key_value_heads"]:
+        raise UserError(f"{where}: num_attention_heads {heads} is not a multiple of num_key_value_heads "
+                        f"{sizes['num_key_value_heads']}")
     head_dim = getattr(config, "head_dim", None) or config.hidden_size // heads
+    if head_dim <= 0:
+        raise UserError(f"{where}: head_dim {head_dim} (hidden_size / num_attention_heads) must be positive")
     return ModelShape(
         model_type=model_type, vocab_size=config.vocab_size, hidden_size=config.hidden_size,
         intermediate_size=config.intermediate_size, num_layers=config.num_hidden_layers, num_heads=heads,
@@ -86,7 +98,13 @@ def shape_of_run(model_args, tokenizer=None) -> ModelShape:
     from lmtrain.model.building import VOCAB_MULTIPLE
     from lmtrain.training.preflight import model_config
 
-    config = model_config(model_args)
+    where = f"--config_name {model_args.config_name}" if model_args.config_name else \
+        f"--model_name_or_path {model_args.model_name_or_path}"
+    try:
+        config = model_config(model_args)
+    except (OSError, ValueError) as error:  # transformers' words for a malformed or typeless config.json
+        raise UserError(f"{where}: not a model config transformers can read ({error}); a config.json "
+                        "needs a model_type, e.g. configs/qwen2.5-0.5b.json") from error
     if tokenizer is not None and not model_args.model_name_or_path:
         config.vocab_size = -(-len(tokenizer) // VOCAB_MULTIPLE) * VOCAB_MULTIPLE
-    return shape_of(config)
+    return shape_of(config, where)
