@@ -191,6 +191,11 @@ class TrainArguments(TrainingArguments):
                 "and a GPU is present (off on CPUs); --use_liger_kernel false turns them off."})
     peak_tflops: float | None = field(default=None, metadata={
         "help": "Per-device dense bf16 peak for the MFU estimate (default: known GPUs, e.g. 989 for H100)."})
+    z_loss_coefficient: float = field(default=0.0, metadata={
+        "help": "Add c * logsumexp(logits)**2 per predicted token to the loss (PaLM's z-loss, c = 1e-4 there), "
+                "which keeps the softmax normalizer near 1; 0: off. Like --label_smoothing_factor it replaces the "
+                "model's own (on a GPU: Liger's fused) loss with lmtrain/training/losses.py, normalized over the "
+                "step's predicted tokens."})
 
     def __post_init__(self):
         if self.lr_scheduler_type == "cosine_with_min_lr":
@@ -201,6 +206,10 @@ class TrainArguments(TrainingArguments):
             os.environ.setdefault("TENSORBOARD_LOGGING_DIR", self.logging_dir)
         if self.max_nonfinite_steps < 0:
             raise ValueError(f"--max_nonfinite_steps {self.max_nonfinite_steps}: must be 0 (never stop) or more")
+        if self.z_loss_coefficient < 0:
+            raise ValueError(f"--z_loss_coefficient {self.z_loss_coefficient}: must be 0 (off) or more")
+        if not 0 <= self.label_smoothing_factor < 1:
+            raise ValueError(f"--label_smoothing_factor {self.label_smoothing_factor}: must be in [0, 1)")
         if self.stop_after_steps is not None and self.stop_after_steps < 1:
             raise ValueError(f"--stop_after_steps {self.stop_after_steps}: must be at least 1")
         evaluating = str(self.eval_strategy) not in ("no", "IntervalStrategy.NO")

@@ -119,18 +119,40 @@ def blocks_to_arrow(blocks: dict) -> pa.Table:
 PACK_TOKENS = 4_000_000   # ~250 MB of packer arrays at once
 
 
+PACKING_STRATEGIES = ("group_texts", "best_fit")
+
+
 def pack_documents(tokenized: datasets.Dataset, indices: np.ndarray, block_size: int, pad_id: int, drop_remainder: bool,
-          cache_dir: Path, overwrite: bool, desc: str) -> tuple[datasets.Dataset, dict]:
-    """Pack the selected documents, in order, into blocks written straight to an Arrow file (cached)."""
-    key = hashlib.sha256(json.dumps([tokenized._fingerprint, block_size, pad_id, drop_remainder]).encode()
-                         + indices.tobytes()).hexdigest()[:24]
+          cache_dir: Path, overwrite: bool, desc: str, strategy: str = "group_texts",
+          block_bytes_needed: bool = False) -> tuple[datasets.Dataset, dict]:
+    """Pack the selected documents into blocks written straight to an Arrow file (cached): in order, cut every
+    `block_size` tokens (`group_texts`), or whole where they fit (`best_fit`, lmtrain/data/best_fit.py).
+    `block_bytes_needed`: best_fit's info also holds each block's UTF-8 bytes (`block_bytes`), which
+    group_texts blocks get from `block_bytes` below."""
+    if strategy not in PACKING_STRATEGIES:
+        raise ValueError(f"packing strategy {strategy!r}: one of {', '.join(PACKING_STRATEGIES)}")
+    settings = [tokenized._fingerprint, block_size, pad_id, drop_remainder]
+    if strategy != "group_texts":  # group_texts keeps the cache keys it always had
+        settings += [strategy, block_bytes_needed]
+    key = hashlib.sha256(json.dumps(settings).encode() + indices.tobytes()).hexdigest()[:24]
     path = cache_dir / f"packed-{key}.arrow"
     meta_path = path.with_suffix(".json")
     if path.exists() and meta_path.exists() and not overwrite:
         return datasets.Dataset.from_file(str(path)), {**json.loads(meta_path.read_text()), "cache": "reused"}
-    packer = BlockPacker(block_size, pad_id, drop_remainder)
     tmp = private_tmp(path)
     selected = tokenized.select(indices).with_format("arrow")
+    if strategy == "best_fit":
+        from lmtrain.data.best_fit import write_best_fit_blocks  # it builds on sft_rows, which imports this module
+
+        with ArrowWriter(path=str(tmp), features=BLOCK_FEATURES) as writer:
+            meta = write_best_fit_blocks(selected, selected["num_tokens"].to_numpy(),
+                                         selected["num_bytes"].to_numpy(), block_size, pad_id, writer, desc)
+            writer.finalize()
+        meta["dropped_tokens"] = 0
+        if not block_bytes_needed:
+            del meta["block_bytes"]
+        return _finish_packed(tmp, path, meta_path, meta)
+    packer = BlockPacker(block_size, pad_id, drop_remainder)
     mean_tokens = pa.compute.mean(selected["num_tokens"]).as_py() or 1
     batch_docs = int(min(4096, max(1, PACK_TOKENS // mean_tokens)))
     blocks = 0
@@ -150,8 +172,12 @@ def pack_documents(tokenized: datasets.Dataset, indices: np.ndarray, block_size:
             writer.write_table(blocks_to_arrow(block))
             blocks += 1
         writer.finalize()
-    tmp.replace(path)
     meta = {"blocks": blocks, "padded_tokens": packer.padded_tokens, "dropped_tokens": packer.dropped_tokens}
+    return _finish_packed(tmp, path, meta_path, meta)
+
+
+def _finish_packed(tmp: Path, path: Path, meta_path: Path, meta: dict) -> tuple[datasets.Dataset, dict]:
+    tmp.replace(path)
     meta_tmp = private_tmp(meta_path)
     meta_tmp.write_text(json.dumps(meta))
     meta_tmp.replace(meta_path)
@@ -178,7 +204,8 @@ def pack_validation(tokenized: datasets.Dataset, rows: np.ndarray, sources: np.n
     for name in dict.fromkeys(sources[rows]):  # sources in order of first appearance
         chosen = rows[sources[rows] == name]
         packed, info = pack_documents(tokenized, chosen, args.block_size, pad_id, args.drop_remainder, cache_dir,
-                             args.overwrite_cache, desc=f"packing validation ({name})")
+                                      args.overwrite_cache, desc=f"packing validation ({name})",
+                                      strategy=args.packing_strategy, block_bytes_needed=True)
         for key in ("blocks", "padded_tokens", "dropped_tokens"):
             total[key] += info[key]
         if info["cache"] == "computed":
@@ -187,9 +214,12 @@ def pack_validation(tokenized: datasets.Dataset, rows: np.ndarray, sources: np.n
         per_source[name] = {"blocks": info["blocks"], "tokens": tokens,
                             "bytes_per_token": float(num_bytes[chosen].sum() / max(1, tokens))}
         if info["blocks"]:
-            sizes = block_bytes(num_tokens[chosen], num_bytes[chosen], args.block_size, info["blocks"])
+            sizes = info.get("block_bytes")
+            if sizes is None:  # group_texts: documents in order
+                sizes = block_bytes(num_tokens[chosen], num_bytes[chosen], args.block_size, info["blocks"])
+                sizes = sizes.tolist()
             parts.append(packed.add_column("source", [name] * info["blocks"])
-                         .add_column("num_bytes", sizes.tolist()))
+                         .add_column("num_bytes", sizes))
     if not parts:
         return packed, total, per_source  # no block at all: the caller reports an empty validation split
     return datasets.concatenate_datasets(parts), total, per_source

@@ -317,7 +317,8 @@ def prepare_pretrain_data(args: DataArguments, tokenizer, cache_dir: str | None 
             continue
         if split == "train":
             packed, info = pack_documents(tokenized, indices, args.block_size, pad_id, args.drop_remainder, cache_root,
-                                 args.overwrite_cache, desc=f"packing {split}")
+                                          args.overwrite_cache, desc=f"packing {split}",
+                                          strategy=args.packing_strategy)
         else:
             packed, info, report.validation_sources = pack_validation(
                 tokenized, indices, sources, num_tokens, num_bytes, args, pad_id, cache_root)
