@@ -287,6 +287,28 @@ def test_length_statistics_of_raw_sft_files(tmp_path, write_jsonl, tiny_tokenize
     assert plan["dataset"]["dropped_records"] == 1
 
 
+def test_sft_files_without_a_usable_conversation_say_why(tmp_path, write_jsonl, tiny_tokenizer_dir):
+    from lmtrain.cli.plan import main
+
+    path = write_jsonl([{"text": "plain text, not a conversation"}] * 3)
+    with pytest.raises(UserError, match=r"no usable conversation \(3 record\(s\) dropped; the first: .*'text'"):
+        main(["--stage", "sft", "--config_name", "qwen2-tiny", "--tokenizer_name", str(tiny_tokenizer_dir),
+              "--train_files", path, "--output_dir", str(tmp_path)])
+
+
+def test_a_default_mfu_from_a_much_larger_model_is_warned(tmp_path, caplog):
+    from lmtrain.cli.plan import main
+
+    plan = main(["--config_name", "qwen2-tiny", "--bf16", "--deepspeed", "ds_configs/zero2.json", "--gpu", "H200",
+                 "--output_dir", str(tmp_path)])
+    assert any("model size" in difference for difference in plan["time"]["mfu_run_differs"])
+    assert "pass --mfu" in caplog.text
+    matched = main(["--config_name", "qwen2.5-0.5b", "--bf16", "--deepspeed", "ds_configs/zero2.json", "--gpu",
+                    "H200", "--block_size", "2048", "--per_device_train_batch_size", "16", "--output_dir", str(tmp_path)])
+    assert matched["time"]["mfu_run_differs"] == []
+    assert matched["time"]["tokens_per_second_per_gpu"] == pytest.approx(96942, rel=1e-3)  # fast-0.5b-bs16 itself
+
+
 def test_prepared_directory_segments(tmp_path, prepare_data, tiny_tokenizer):
     from lmtrain.data.prepared import save_prepared
     from lmtrain.planning.lengths import prepared_lengths
@@ -304,6 +326,16 @@ def test_prepared_directory_segments(tmp_path, prepare_data, tiny_tokenizer):
                  "--output_dir", str(tmp_path / "plan")])
     assert plan["dataset"]["row_length"] == 256 and plan["compute"]["tokens_per_step"] == 8 * 256
     assert plan["dataset"]["tokens"] == sum(expected) == plan["compute"]["train_tokens"]
+    # the data fixes the row length and the stage: an explicit flag saying otherwise is refused, as training does
+    same = main(["--config_name", "qwen2-tiny", "--dataset_path", str(tmp_path / "prepared"), "--block_size", "256",
+                 "--output_dir", str(tmp_path / "plan")])
+    assert same["dataset"]["row_length"] == 256
+    with pytest.raises(UserError, match="--block_size 512, but --dataset_path .* has rows of 256 tokens"):
+        main(["--config_name", "qwen2-tiny", "--dataset_path", str(tmp_path / "prepared"), "--block_size", "512",
+              "--output_dir", str(tmp_path / "plan")])
+    with pytest.raises(UserError, match="--stage sft, but --dataset_path .* holds pretrain data"):
+        main(["--config_name", "qwen2-tiny", "--dataset_path", str(tmp_path / "prepared"), "--stage", "sft",
+              "--output_dir", str(tmp_path / "plan")])
 
 
 def _parse_training(argv, tmp_path):

@@ -32,6 +32,9 @@ from lmtrain.planning.memory import (GIB, STRATEGIES, TrainingSetup, attention_l
 from lmtrain.planning.shape import shape_of_run
 
 logger = logging.getLogger("plan")
+# Beyond this size ratio the measured MFU is not carried over silently: the H100 demo model (27M parameters) ran at
+# 1.5-3.3% MFU where the 0.5B models ran at 12-15% (docs/PLANNER.md, tokens/s validation)
+SIZE_RATIO_WARNED = 4
 
 
 def main(argv=None):
@@ -101,7 +104,8 @@ def dataset_section(args, tokenizer, seq_length: int):
 
     if args.dataset_path:
         values, dropped = L.prepared_lengths(args.dataset_path, args.max_samples)
-        seq_length = L.prepared_row_length(args.dataset_path)
+        check_prepared_against_flags(args, L.prepared_stage(args.dataset_path), L.prepared_row_length(args.dataset_path))
+        seq_length = args.seq_length
     elif args.stage == "sft":
         values, dropped = L.raw_sft_lengths(args.train_files, tokenizer, args.max_samples)
     else:
@@ -115,6 +119,23 @@ def dataset_section(args, tokenizer, seq_length: int):
     tokens = int(values.clip(max=seq_length).sum()) if args.stage == "sft" else int(values.sum())
     stats["tokens_per_epoch"] = tokens
     return stats, tokens, seq_length
+
+
+def check_prepared_against_flags(args, stage: str, row_length: int):
+    """The prepared data fixes the stage and the row length, as training reads them: a flag that says otherwise
+    (given on purpose) is refused, as pretrain.py / sft.py refuse it; a default follows the data."""
+    from lmtrain.cli.parsing import explicit_options
+
+    given = explicit_options(args)
+    if stage != args.stage and "stage" in given:
+        raise UserError(f"--stage {args.stage}, but --dataset_path {args.dataset_path} holds {stage} data "
+                        f"(prepared by data_prep/prepare_{'sft' if stage == 'sft' else 'pretrain'}.py): drop --stage")
+    args.stage = stage
+    flag = "block_size" if stage == "pretrain" else "max_length"
+    if getattr(args, flag) != row_length and flag in given:
+        raise UserError(f"--{flag} {getattr(args, flag)}, but --dataset_path {args.dataset_path} has rows of "
+                        f"{row_length} tokens (fixed when it was prepared): drop --{flag} or prepare the data again")
+    setattr(args, flag, row_length)
 
 
 def training_setup(args, seq_length: int, attention: str) -> TrainingSetup:
@@ -191,6 +212,9 @@ def planned_mfu(args, shape, gpu, liger: bool, seq_length: int):
     differences = [f"{what} {theirs} there, {ours} here" for what, theirs, ours in (
         ("ZeRO", run.strategy, strategy), ("checkpointing", run.gradient_checkpointing, args.gradient_checkpointing),
         ("Liger", run.liger, liger)) if theirs != ours and not (what == "ZeRO" and ours.startswith(theirs))]
+    theirs, ours = run.shape().parameters(), shape.parameters()
+    if max(theirs, ours) > SIZE_RATIO_WARNED * min(theirs, ours):  # a small model's step is mostly fixed overhead
+        differences.append(f"model size {theirs / 1e6:,.0f}M there, {ours / 1e6:,.1f}M here")
     if differences:  # the MFU carries over badly across these (docs/PLANNER.md, validation)
         logger.warning("the default MFU comes from a run that differs from this plan (%s): pass --mfu for a "
                        "better figure", "; ".join(differences))

@@ -52,7 +52,7 @@ def raw_sft_lengths(locations: list[str], tokenizer, limit: int | None):
     from lmtrain.data.sft_prepare import _files
     from lmtrain.data.sources import ReadStats, read_records
 
-    lengths, dropped, stats = [], 0, ReadStats()
+    lengths, dropped, stats, first_problem = [], 0, ReadStats(), None
     for path in _files(locations):
         if path.startswith("hub://"):
             raise UserError(f"--train_files {path[len('hub://'):]}: the planner reads local files only (nothing is "
@@ -60,15 +60,29 @@ def raw_sft_lengths(locations: list[str], tokenizer, limit: int | None):
         for where, record in read_records(path, stats, strict=False):
             try:
                 ids, _ = render_conversation(tokenizer, record_to_messages(record, where))
-            except RecordProblem:
+            except RecordProblem as problem:
                 dropped += 1
+                first_problem = first_problem or str(problem)
                 continue
             lengths.append(len(ids))
             if limit and len(lengths) >= limit:
                 break
         if limit and len(lengths) >= limit:
             break
+    if not lengths and first_problem:  # every record refused: say why, as strict training would
+        raise UserError(f"--train_files {' '.join(locations)}: no usable conversation ({dropped} record(s) "
+                        f"dropped; the first: {first_problem})")
     return np.asarray(lengths, dtype=np.int64), dropped + sum(stats.dropped.values())
+
+
+def prepared_stage(path: str) -> str:
+    """"sft" for a directory of data_prep/prepare_sft.py (its report.json says so), else "pretrain"."""
+    import json
+
+    report = Path(path) / "report.json"
+    if not report.exists():
+        return "pretrain"
+    return "sft" if json.loads(report.read_text(encoding="utf-8")).get("stage") == "sft" else "pretrain"
 
 
 def prepared_lengths(path: str, limit: int | None):
