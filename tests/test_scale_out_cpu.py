@@ -216,3 +216,96 @@ def test_convert_checkpoint_refuses_a_checkpoint_without_zero_states(tmp_path):
         main(["--checkpoint", str(tmp_path / "checkpoint-9"), "--to", "universal"])
     with pytest.raises(UserError, match="--to hf needs --output_dir"):
         main(["--checkpoint", str(path), "--to", "hf"])
+
+
+# --- DeepSpeed on the CPU (one process): universal checkpoints and the ZeRO-3 export ----------------------
+
+DS_STEPS, DS_SAVE = 6, 3
+
+
+@pytest.fixture(scope="module")
+def deepspeed_runs(inputs):
+    """Side by side: ZeRO-2 uninterrupted (the reference), ZeRO-2 stopped at step 3 (--stop_after_steps), and
+    ZeRO-3 to step 3 with a checkpoint there."""
+    root, args = inputs
+
+    def command(config, out, *extra):
+        return [sys.executable, "pretrain.py", "--deepspeed", f"ds_configs/{config}", *args(
+            root / out, "--per_device_train_batch_size", "2", "--max_steps", str(DS_STEPS), "--save_steps",
+            str(DS_SAVE), "--validation_split_percentage", "0", "--include_num_input_tokens_seen", "true",
+            "--report_to", "none", "--plot_curves", "false", *extra)]
+
+    commands = {"reference": command("zero2.json", "ds-reference"), "resumed": command("zero2.json", "ds-resumed"),
+                "zero3": command("zero3.json", "ds-zero3", "--max_steps", str(DS_SAVE))}
+    first = {**commands, "resumed": commands["resumed"] + ["--stop_after_steps", str(DS_SAVE)]}  # then resumed
+    processes = {name: subprocess.Popen(argv, cwd=REPO, env=clean_environment(), text=True, stdout=subprocess.PIPE,
+                                        stderr=subprocess.STDOUT) for name, argv in first.items()}
+    for name, process in processes.items():
+        output = process.communicate(timeout=900)[0]
+        assert process.returncode == 0, f"{name}:\n{output[-4000:]}"
+    return root, commands
+
+
+def curve(out: Path) -> dict[int, tuple]:
+    return {step: (row["loss"], row["grad_norm"], row["learning_rate"], row["num_input_tokens_seen"])
+            for step, row in logged_rows(out).items()}
+
+
+@pytest.mark.slow
+def test_a_zero2_checkpoint_resumes_from_its_universal_copy_alone(deepspeed_runs):
+    """Converted, then the original ZeRO optimizer partition deleted (and the completion marker rewritten to
+    match): the resumed run can only have read the universal copy, and it continues the uninterrupted run
+    exactly (steps 5 and 6 depend on the restored Adam moments, not only the weights)."""
+    from lmtrain.cli.convert_checkpoint import main as convert
+    from lmtrain.training.checkpoints import read_checkpoint_marker, write_checkpoint_marker
+
+    root, commands = deepspeed_runs
+    checkpoint = root / "ds-resumed" / f"checkpoint-{DS_SAVE}"
+    assert read_checkpoint_marker(checkpoint)["global_batch"] == 2
+    universal = Path(convert(["--checkpoint", str(checkpoint), "--to", "universal", "--workers", "1"]))
+    assert universal == checkpoint / f"global_step{DS_SAVE}_universal" and (universal / "zero").is_dir()
+    record = read_checkpoint_marker(checkpoint)
+    assert record["universal"] == universal.name and any(name.startswith(universal.name) for name in record["files"])
+    for partition in (checkpoint / f"global_step{DS_SAVE}").glob("*optim_states.pt"):
+        partition.unlink()
+    write_checkpoint_marker(checkpoint, DS_SAVE, 1, 2, extra={k: record[k] for k in ("global_batch", "universal")})
+
+    resumed = subprocess.run(commands["resumed"], cwd=REPO, env=clean_environment(), text=True,
+                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, timeout=600)
+    assert resumed.returncode == 0, resumed.stdout[-4000:]
+    assert f"resuming from the universal checkpoint {checkpoint}/{universal.name}" in resumed.stdout
+    reference, continued = curve(root / "ds-reference"), curve(root / "ds-resumed")
+    assert sorted(continued) == list(range(1, DS_STEPS + 1))
+    for step in range(DS_SAVE + 1, DS_STEPS + 1):
+        loss, grad_norm, rate, tokens = continued[step]
+        assert loss == pytest.approx(reference[step][0], rel=1e-5), step
+        assert grad_norm == pytest.approx(reference[step][1], rel=1e-4), step
+        assert rate == reference[step][2] and tokens == reference[step][3], step  # the consumed-token count
+
+
+@pytest.mark.slow
+def test_zero3_export_through_zero_to_fp32_equals_the_engine_weights_with_tied_embeddings(deepspeed_runs, tmp_path):
+    import torch
+    from safetensors.torch import load_file
+    from transformers import AutoModelForCausalLM
+
+    from lmtrain.cli.convert_checkpoint import main as convert
+    from lmtrain.training.checkpoints import read_checkpoint_marker
+
+    root, _ = deepspeed_runs
+    checkpoint = root / "ds-zero3" / f"checkpoint-{DS_SAVE}"
+    assert read_checkpoint_marker(checkpoint)["zero_stage"] == 3
+    exported = Path(convert(["--checkpoint", str(checkpoint), "--to", "hf", "--output_dir", str(tmp_path / "hf")]))
+    # The engine's weights: gathered from the partitions by the engine for the Trainer's final save
+    # (stage3_gather_16bit_weights_on_model_save; fp32 on a CPU) at the checkpoint's step.
+    engine = load_file(root / "ds-zero3" / "model.safetensors")
+    model = AutoModelForCausalLM.from_pretrained(exported)
+    state = model.state_dict()
+    assert model.config.tie_word_embeddings
+    assert model.lm_head.weight.data_ptr() == model.model.embed_tokens.weight.data_ptr()  # still tied
+    assert {name for name in engine} <= set(state)
+    for name, tensor in engine.items():
+        torch.testing.assert_close(state[name], tensor, rtol=0, atol=0, msg=name)
+    initial = AutoModelForCausalLM.from_config(model.config)
+    assert any(not torch.equal(state[n], t) for n, t in initial.state_dict().items() if n in state)  # not a fresh init
+    assert (exported / "tokenizer.json").is_file()
