@@ -255,6 +255,16 @@ def test_gpu_hours_budget_and_fp32_time(tmp_path):
     assert plan["time"]["gpu_hours"] == pytest.approx(100, rel=1e-6)  # the tokens it buys take the hours it has
     fp32 = main(["--config_name", "qwen2.5-0.5b", "--output_dir", str(tmp_path)])
     assert "pass --mfu" in fp32["time"]["skipped"]
+    # hours of fp32 are not turned into FLOPs at a bf16 run's MFU (the time is not estimated either)
+    with pytest.raises(UserError, match="--gpu_hours needs an MFU .* bf16 runs"):
+        main(["--config_name", "qwen2.5-0.5b", "--gpu_hours", "100", "--gpu", "H200", "--output_dir", str(tmp_path)])
+
+
+def test_the_mfu_warning_is_given_once(tmp_path, caplog):
+    from lmtrain.cli.plan import main
+
+    main(["--config_name", "qwen2-tiny", "--bf16", "--gpu", "H200", "--gpu_hours", "10", "--output_dir", str(tmp_path)])
+    assert caplog.text.count("the default MFU comes from a run that differs") == 1
 
 
 def test_length_statistics_of_raw_pretraining_files(tmp_path, write_jsonl, tiny_tokenizer_dir, tiny_tokenizer):

@@ -59,10 +59,11 @@ def main(argv=None):
     flops_token = compute.training_flops_per_token(shape, seq_length)
     rows_per_step = args.per_device_train_batch_size * args.gradient_accumulation_steps * args.num_gpus
     tokens_per_step = rows_per_step * seq_length
+    mfu = planned_mfu(args, shape, gpu, setup)  # once: --gpu_hours and the time both use it
     plan["compute"], total_tokens = compute_section(args, shape, flops_token, tokens_per_step, dataset_tokens, gpu,
-                                                    setup.liger, seq_length)
+                                                    mfu)
     plan["memory"] = memory_section(shape, setup, gpu, args)
-    plan["time"] = time_section(args, shape, setup, gpu, flops_token, tokens_per_step, total_tokens)
+    plan["time"] = time_section(args, mfu, gpu, flops_token, tokens_per_step, total_tokens)
 
     os.makedirs(args.output_dir, exist_ok=True)
     path = os.path.join(args.output_dir, "plan.json")
@@ -153,16 +154,14 @@ def training_setup(args, seq_length: int, attention: str) -> TrainingSetup:
                          **attention_layout(attention), **fields)
 
 
-def compute_section(args, shape, flops_token, tokens_per_step, dataset_tokens, gpu, liger: bool, seq_length: int):
+def compute_section(args, shape, flops_token, tokens_per_step, dataset_tokens, gpu, mfu):
     section = {"flops_per_token": flops_token, "chinchilla_optimal_tokens": compute.chinchilla_tokens(
         shape.parameters()), "tokens_per_step": tokens_per_step}
     budget = compute.parse_amount(args.compute_budget, "--compute_budget")
     if args.gpu_hours:
-        mfu = planned_mfu(args, shape, gpu, liger, seq_length)[0]
-        if mfu is None:
-            raise UserError(f"--gpu_hours needs an MFU to turn hours into FLOPs and nothing was measured on "
-                            f"{gpu.name}: pass --mfu (e.g. 0.3)")
-        budget = args.gpu_hours * 3600 * gpu.peak_tflops * 1e12 * mfu
+        if mfu[0] is None:
+            raise UserError(f"--gpu_hours needs an MFU to turn hours into FLOPs: {mfu[1]}")
+        budget = args.gpu_hours * 3600 * gpu.peak_tflops * 1e12 * mfu[0]
     if budget:
         section["compute_optimal"] = compute.compute_optimal(budget)
         section["tokens_the_budget_buys"] = budget / flops_token
@@ -199,16 +198,18 @@ def memory_section(shape, setup, gpu, args) -> dict:
     return section
 
 
-def planned_mfu(args, shape, gpu, liger: bool, seq_length: int):
+def planned_mfu(args, shape, gpu, setup: TrainingSetup):
     """(MFU, where it came from, how that run differs from this plan): --mfu, else the measured run that
-    default_mfu_run picks on this GPU kind."""
+    default_mfu_run picks on this GPU kind; (None, why not, []) without one."""
     if args.mfu:
         return args.mfu, "--mfu", []
-    strategy = args.strategy or (setup_from_deepspeed(args.deepspeed)["strategy"] if args.deepspeed else "none")
+    if setup.precision == "fp32":
+        return None, "the measured MFUs are of bf16 runs; for fp32 pass --mfu (or plan with --bf16)", []
+    strategy, liger = setup.strategy, setup.liger
     run = default_mfu_run(gpu.name, strategy, args.gradient_checkpointing, shape.parameters(), liger,
-                          flops_per_micro_batch=micro_batch_flops(shape, args.per_device_train_batch_size, seq_length))
+                          flops_per_micro_batch=micro_batch_flops(shape, setup.micro_batch, setup.seq_length))
     if run is None:
-        return None, f"nothing measured on {gpu.name}", []
+        return None, f"nothing measured on {gpu.name}: pass --mfu", []
     differences = [f"{what} {theirs} there, {ours} here" for what, theirs, ours in (
         ("ZeRO", run.strategy, strategy), ("checkpointing", run.gradient_checkpointing, args.gradient_checkpointing),
         ("Liger", run.liger, liger)) if theirs != ours and not (what == "ZeRO" and ours.startswith(theirs))]
@@ -224,12 +225,10 @@ def planned_mfu(args, shape, gpu, liger: bool, seq_length: int):
     return run.mfu(gpu.peak_tflops), source, differences
 
 
-def time_section(args, shape, setup, gpu, flops_token, tokens_per_step, total_tokens) -> dict:
-    if setup.precision == "fp32" and not args.mfu:
-        return {"skipped": "the measured MFUs are of bf16 runs; for fp32 pass --mfu (or plan with --bf16)"}
-    mfu, source, differences = planned_mfu(args, shape, gpu, setup.liger, setup.seq_length)
+def time_section(args, planned, gpu, flops_token, tokens_per_step, total_tokens) -> dict:
+    mfu, source, differences = planned
     if mfu is None:
-        return {"skipped": f"{source}: pass --mfu"}
+        return {"skipped": source}
     result = compute.throughput(flops_token, mfu, gpu.peak_tflops, args.num_gpus, tokens_per_step, total_tokens,
                                 args.price_per_gpu_hour)
     return {"mfu": round(mfu, 4), "mfu_from": source, "mfu_run_differs": differences,
