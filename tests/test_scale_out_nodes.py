@@ -110,3 +110,75 @@ def test_data_fingerprints_see_content_and_size_not_mtime(tmp_path):
         handle.seek((3 << 20) - 10)
         handle.write(b"0123456789")
     assert data_fingerprints([str(prepared)])[f"{prepared}/data-00000.arrow"] != before[f"{prepared}/data-00000.arrow"]
+
+
+# --- the launchers ---------------------------------------------------------------------------------------
+
+def launch(env: dict, *args: str, path_prefix: Path | None = None) -> subprocess.CompletedProcess:
+    environment = {k: v for k, v in os.environ.items() if k not in LAUNCHER_VARIABLES and not k.startswith("NCCL_")}
+    environment.update(DRY_RUN="1", **env)
+    if path_prefix is not None:
+        environment["PATH"] = f"{path_prefix}:{environment['PATH']}"
+    script = env.pop("SCRIPT", "scripts/pretrain_multinode.sh")
+    return subprocess.run(["bash", script, *args], cwd=REPO, env=environment, text=True, capture_output=True,
+                          timeout=60)
+
+
+def test_the_deepspeed_route_reads_a_hostfile_of_local_slots(tmp_path):
+    hostfile = tmp_path / "hostfile"
+    hostfile.write_text("localhost slots=2\n# the second node\n127.0.0.1 slots=2   # same slots\n")
+    result = launch({"HOSTFILE": str(hostfile), "NCCL_SOCKET_IFNAME": "lo", "NCCL_IB_DISABLE": "1"}, "--max_steps", "5")
+    assert result.returncode == 0, result.stderr
+    assert "deepspeed: 2 node(s), 4 GPU(s) in all, master localhost:29500" in result.stderr
+    assert "NCCL_SOCKET_IFNAME=lo" in result.stderr and "NCCL_IB_DISABLE=1" in result.stderr
+    assert "NCCL_DEBUG=WARN" in result.stderr  # exported for DeepSpeed's launcher to forward (NCCL_*)
+    command = result.stdout.split()
+    assert command[:7] == ["deepspeed", "--hostfile", str(hostfile), "--master_addr", "localhost", "--master_port",
+                           "29500"]
+    assert command[7] == "pretrain.py" and command[-2:] == ["--max_steps", "5"]  # extra flags passed through last
+
+
+@pytest.mark.parametrize("text,message", [
+    ("a slots=2\nb slots=4\n", "the nodes have different slot counts"),
+    ("a slots=2\nb 4\n", ":2: expected 'HOST slots=N'"),
+    ("# nothing\n\n", "lists no node"),
+])
+def test_a_bad_hostfile_stops_before_anything_starts(tmp_path, text, message):
+    hostfile = tmp_path / "hostfile"
+    hostfile.write_text(text)
+    result = launch({"HOSTFILE": str(hostfile)})
+    assert result.returncode == 2 and message in result.stderr and not result.stdout, result.stderr
+
+
+def test_the_torchrun_route_runs_one_command_per_node():
+    result = launch({"LAUNCHER": "torchrun", "NNODES": "2", "NODE_RANK": "1", "NPROC_PER_NODE": "8",
+                     "MASTER_ADDR": "10.0.0.1", "MASTER_PORT": "29400"})
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.split()[:12] == ["torchrun", "--nnodes", "2", "--node_rank", "1", "--nproc_per_node", "8",
+                                          "--master_addr", "10.0.0.1", "--master_port", "29400", "pretrain.py"]
+    wrong = launch({"LAUNCHER": "torchrun", "NNODES": "2", "NODE_RANK": "2", "MASTER_ADDR": "10.0.0.1",
+                    "NPROC_PER_NODE": "1"})
+    assert wrong.returncode == 2 and "NODE_RANK=2 is outside 0..1" in wrong.stderr
+    assert "set MASTER_ADDR" in launch({"LAUNCHER": "torchrun"}).stderr
+
+
+def test_the_slurm_example_starts_the_torchrun_route_on_each_node(tmp_path):
+    """srun and scontrol replaced by stand-ins: srun runs its command once per node of a 2-node allocation,
+    with that node's SLURM_NODEID, as Slurm does with --ntasks-per-node=1."""
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    (bin_dir / "scontrol").write_text('#!/usr/bin/env bash\nprintf "gpu-a\\ngpu-b\\n"\n')
+    (bin_dir / "srun").write_text('#!/usr/bin/env bash\nwhile [[ "$1" == --* ]]; do shift; done\n'
+                                  'for node in 0 1; do SLURM_NODEID=$node "$@"; done\n')
+    for tool in ("scontrol", "srun"):
+        (bin_dir / tool).chmod(0o755)
+    result = launch({"SCRIPT": "scripts/slurm/pretrain.sbatch", "SLURM_JOB_ID": "4242", "SLURM_NNODES": "2",
+                     "SLURM_JOB_NODELIST": "gpu-[a-b]", "SLURM_GPUS_ON_NODE": "4", "SLURM_SUBMIT_DIR": str(REPO)},
+                    "--max_steps", "7", path_prefix=bin_dir)
+    assert result.returncode == 0, result.stderr
+    commands = [line.split() for line in result.stdout.splitlines()]
+    assert len(commands) == 2
+    for node, command in enumerate(commands):
+        assert command[:11] == ["torchrun", "--nnodes", "2", "--node_rank", str(node), "--nproc_per_node", "4",
+                                "--master_addr", "gpu-a", "--master_port", str(20000 + 4242)], command
+        assert command[-2:] == ["--max_steps", "7"]
