@@ -1,7 +1,8 @@
 """The multi-node preflight (lmtrain/preflight_nodes.py) with two gloo processes on this machine, one given
 other data: every rank stops with the same message naming the rank and the file that differs. And the
-launchers: scripts/pretrain_multinode.sh prints its commands for a hostfile of local slots (DRY_RUN=1), and
-the Slurm example's torchrun route is checked the same way."""
+launchers: scripts/pretrain_multinode.sh prints its commands for a hostfile of local slots (DRY_RUN=1), the
+Slurm example's torchrun route is checked the same way (stand-in srun/scontrol), and (slow) the script's
+torchrun route trains a two-"node" CPU job on this machine."""
 from __future__ import annotations
 
 import os
@@ -182,3 +183,40 @@ def test_the_slurm_example_starts_the_torchrun_route_on_each_node(tmp_path):
         assert command[:11] == ["torchrun", "--nnodes", "2", "--node_rank", str(node), "--nproc_per_node", "4",
                                 "--master_addr", "gpu-a", "--master_port", str(20000 + 4242)], command
         assert command[-2:] == ["--max_steps", "7"]
+
+
+@pytest.mark.slow  # ~50 s on 2 cores: preparation, then two interpreters importing torch/transformers
+def test_two_nodes_on_this_machine_train_through_the_torchrun_route(tmp_path):
+    """The script's torchrun route for real: two "nodes" (NODE_RANK 0 and 1, one CPU process each) meet at
+    MASTER_ADDR:MASTER_PORT and train as one gloo data-parallel job of world size 2, on prepared data."""
+    import json
+
+    from lmtrain.cli.prepare import main as prepare
+    from lmtrain.data.demo_corpus import ensure_demo_corpus
+    from lmtrain.tokenizer import train_bpe_tokenizer
+
+    lines = ensure_demo_corpus().read_text(encoding="utf-8").splitlines()[:4]
+    (tmp_path / "plays.jsonl").write_text("\n".join(lines) + "\n", encoding="utf-8")
+    train_bpe_tokenizer([json.loads(line)["text"] for line in lines], vocab_size=512,
+                        show_progress=False).save_pretrained(tmp_path / "tokenizer")
+    prepare(["--tokenizer_name", str(tmp_path / "tokenizer"), "--train_files", str(tmp_path / "plays.jsonl"),
+             "--block_size", "32", "--validation_split_percentage", "0", "--output_dir", str(tmp_path / "prepared")])
+    out = tmp_path / "run"
+    env = {k: v for k, v in os.environ.items() if k not in LAUNCHER_VARIABLES and not k.startswith("NCCL_")}
+    env.update(LAUNCHER="torchrun", NNODES="2", NPROC_PER_NODE="1", MASTER_ADDR="127.0.0.1",
+               MASTER_PORT=str(free_port()), MODEL_CONFIG="qwen2-tiny", TOKENIZER=str(tmp_path / "tokenizer"),
+               DATA=str(tmp_path / "prepared"), OUTPUT_DIR=str(out))
+    flags = ["--deepspeed", "", "--bf16", "false", "--gradient_checkpointing", "false", "--config_overrides",
+             "hidden_size=32,intermediate_size=64,num_hidden_layers=2,num_attention_heads=2,num_key_value_heads=1",
+             "--per_device_train_batch_size", "2", "--max_steps", "2", "--save_steps", "2", "--report_to", "none",
+             "--plot_curves", "false", "--dataloader_num_workers", "0", "--disable_tqdm", "true", "--logging_steps", "1"]
+    nodes = [subprocess.Popen(["bash", "scripts/pretrain_multinode.sh", *flags], cwd=REPO, env={**env, "NODE_RANK": str(r)},
+                              text=True, stdout=subprocess.PIPE, stderr=subprocess.STDOUT) for r in range(2)]
+    outputs = [node.communicate(timeout=300)[0] for node in nodes]
+    for rank, node in enumerate(nodes):
+        assert node.returncode == 0, outputs[rank][-3000:]
+    assert "torchrun: node 1 of 2, 1 process(es) here" in outputs[1]
+    assert "global batch: 4 rows per optimizer step = 2 per device x 1 accumulation x 2 processes" in outputs[0]
+    marker = json.loads((out / "checkpoint-2" / "lmtrain_checkpoint.json").read_text())
+    assert marker["world_size"] == 2 and marker["global_batch"] == 4
+    assert (out / "checkpoint-2" / "rng_state_1.pth").is_file() and (out / "model.safetensors").is_file()
