@@ -314,7 +314,8 @@ def test_a_default_mfu_from_a_much_larger_model_is_warned(tmp_path, caplog):
     assert any("model size" in difference for difference in plan["time"]["mfu_run_differs"])
     assert "pass --mfu" in caplog.text
     matched = main(["--config_name", "qwen2.5-0.5b", "--bf16", "--deepspeed", "ds_configs/zero2.json", "--gpu",
-                    "H200", "--block_size", "2048", "--per_device_train_batch_size", "16", "--output_dir", str(tmp_path)])
+                    "H200", "--block_size", "2048", "--per_device_train_batch_size", "16",
+                    "--output_dir", str(tmp_path)])
     assert matched["time"]["mfu_run_differs"] == []
     assert matched["time"]["tokens_per_second_per_gpu"] == pytest.approx(96942, rel=1e-3)  # fast-0.5b-bs16 itself
 

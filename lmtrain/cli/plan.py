@@ -105,7 +105,8 @@ def dataset_section(args, tokenizer, seq_length: int):
 
     if args.dataset_path:
         values, dropped = L.prepared_lengths(args.dataset_path, args.max_samples)
-        check_prepared_against_flags(args, L.prepared_stage(args.dataset_path), L.prepared_row_length(args.dataset_path))
+        path = args.dataset_path
+        check_prepared_against_flags(args, L.prepared_stage(path), L.prepared_row_length(path))
         seq_length = args.seq_length
     elif args.stage == "sft":
         values, dropped = L.raw_sft_lengths(args.train_files, tokenizer, args.max_samples)
