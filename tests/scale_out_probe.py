@@ -62,21 +62,21 @@ def main():
     from lmtrain.training.trainer import LMTrainer
 
     batches_of, step_of, loader_of = LMTrainer.get_batch_samples, LMTrainer.training_step, LMTrainer.get_train_dataloader
-    current = {"rows": [], "losses": []}
+    current = {"rows": [], "losses": [], "micro_batches": 0}
 
     def get_batch_samples(self, epoch_iterator, num_batches, device):
         batches, num_items = batches_of(self, epoch_iterator, num_batches, device)
-        if batches:
-            current["rows"] = [row_hash(row) for batch in batches for row in batch["input_ids"]]
+        if batches:  # an epoch's last step may hold fewer micro-batches than the accumulation
+            current.update(rows=[row_hash(row) for batch in batches for row in batch["input_ids"]],
+                           micro_batches=len(batches))
         return batches, num_items
 
     def training_step(self, model, inputs, num_items_in_batch=None):
         loss = step_of(self, model, inputs, num_items_in_batch)
         current["losses"].append(float(loss.detach()))
-        if len(current["losses"]) == self.args.gradient_accumulation_steps:  # the step's last micro-batch
+        if len(current["losses"]) == current["micro_batches"]:  # the step's last micro-batch
             with original_open(record / f"rank{rank}.jsonl", "a") as handle:
-                handle.write(json.dumps({"step": self.state.global_step + 1, "epoch": int(self.state.epoch or 0),
-                                         **current}) + "\n")
+                handle.write(json.dumps({"step": self.state.global_step + 1, **current}) + "\n")
             current.update(rows=[], losses=[])
         return loss
 

@@ -33,9 +33,11 @@ REPO = Path(__file__).resolve().parents[1]
 PROBE = Path(__file__).resolve().parent / "scale_out_probe.py"
 TINY = "hidden_size=32,intermediate_size=64,num_hidden_layers=2,num_attention_heads=2,num_key_value_heads=1"
 LAUNCHER_VARIABLES = ("MASTER_ADDR", "MASTER_PORT", "RANK", "LOCAL_RANK", "WORLD_SIZE")
-BATCH, ACCUMULATION, WORLD, ROWS, EPOCHS = 2, 2, 2, 16, 2
+# 20 rows: 10 per rank, 5 micro-batches of 2 per rank and epoch: 2 steps of 8 rows and a last one of 4 (one
+# micro-batch per rank), so the epoch's remainder is covered too.
+BATCH, ACCUMULATION, WORLD, ROWS, EPOCHS = 2, 2, 2, 20, 2
 GLOBAL = BATCH * ACCUMULATION * WORLD
-STEPS_PER_EPOCH = ROWS // GLOBAL
+STEPS_PER_EPOCH = -(-ROWS // GLOBAL)
 
 
 def clean_environment(**extra) -> dict:
@@ -66,8 +68,8 @@ def inputs(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def two_processes(inputs):
-    """One two-process run: 16 training rows, 2 per device x 2 accumulation x 2 processes = 8 rows per step,
-    2 epochs of 2 steps, evaluation with a sample every 2 steps, a checkpoint every 2 steps, TensorBoard,
+    """One two-process run: 20 training rows, 2 per device x 2 accumulation x 2 processes = 8 rows per step,
+    2 epochs of 3 steps, evaluation with a sample every 2 steps, a checkpoint every 2 steps, TensorBoard,
     curves and the final model."""
     root, args = inputs
     out, record = root / "two", root / "record"
@@ -100,7 +102,8 @@ def test_the_global_batch_is_logged_once_and_sets_the_steps(two_processes):
            f"{WORLD} processes" in lines[0]
     assert sorted(logged_rows(two_processes.out)) == list(range(1, EPOCHS * STEPS_PER_EPOCH + 1))
     for rank, steps in two_processes.steps.items():
-        assert all(len(step["rows"]) == BATCH * ACCUMULATION for step in steps), rank
+        sizes = [len(step["rows"]) for step in steps]
+        assert sizes == [BATCH * ACCUMULATION, BATCH * ACCUMULATION, BATCH] * EPOCHS, (rank, sizes)
 
 
 def test_each_epoch_trains_on_every_row_once_across_the_ranks(two_processes):
@@ -129,7 +132,7 @@ def test_only_rank_0_writes_logs_reports_samples_and_the_model(two_processes):
     out, writes = two_processes.out, two_processes.writes
     # rank 1's only files: its RNG state in each checkpoint (each rank resumes its own random stream), and the
     # preflight's write check (an unnamed O_TMPFILE file opened on output_dir itself: "."), made on every rank
-    assert sorted(writes[1]) == [".", "checkpoint-2/rng_state_1.pth", "checkpoint-4/rng_state_1.pth"], writes[1]
+    assert sorted(writes[1]) == [".", *(f"checkpoint-{step}/rng_state_1.pth" for step in (2, 4, 6))], writes[1]
     written = set(writes[0])
     for name in ("lmtrain_config.json", "data_report.json", "samples.jsonl", "trainer_state.json", "all_results.json",
                  "lmtrain_complete.tmp", "model.safetensors", "checkpoint-2/model.safetensors", "checkpoint-2/optimizer.pt",
