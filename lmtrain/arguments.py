@@ -395,7 +395,8 @@ class DPOTrainArguments(TrainArguments):
     loss_weights: list[float] | None = field(default=None, metadata={
         "help": "One weight per --loss_type (default: 1 each)."})
     label_smoothing: float = field(default=0.0, metadata={
-        "help": "robust: the probability a pair's preference is flipped, in [0, 0.5); exo_pair: its epsilon."})
+        "help": "robust: the probability a pair's preference is flipped, in [0, 0.5); exo_pair: its epsilon; also "
+                "read by aot and aot_unpaired. Refused with other losses, which ignore it."})
     precompute_ref_log_probs: bool = field(default=False, metadata={
         "help": "Score every pair with the reference once before training, so no reference model is held during "
                 "training (full fine-tuning then needs one model's memory, not two)."})
@@ -418,4 +419,14 @@ class DPOTrainArguments(TrainArguments):
             raise ValueError("--loss_type exo_pair needs --label_smoothing > 0 (its epsilon; the EXO paper uses 1e-3)")
         if "robust" in self.loss_type and not 0 <= self.label_smoothing < 0.5:
             raise ValueError(f"--label_smoothing {self.label_smoothing}: robust DPO needs a value in [0, 0.5)")
+        # Options DPOTrainer would accept and never read: refused, so no run is believed smoothed that is not.
+        smoothed = ("robust", "exo_pair", "aot", "aot_unpaired")  # the losses TRL's _compute_loss reads it in
+        if self.label_smoothing and not set(smoothed) & set(self.loss_type):
+            raise ValueError(f"--label_smoothing {self.label_smoothing}: only --loss_type {', '.join(smoothed)} use it; "
+                             f"{' '.join(self.loss_type)} would ignore it (TRL's sigmoid DPO has no label smoothing)")
+        for flag in ("label_smoothing_factor", "z_loss_coefficient"):  # the language-model loss of pretrain/SFT
+            if getattr(self, flag, 0):
+                raise ValueError(f"--{flag} {getattr(self, flag)}: a language-model loss option of pretrain.py and "
+                                 "sft.py; the DPO loss ignores it (label smoothing of preferences: --label_smoothing "
+                                 "with --loss_type robust)")
         super().__post_init__()

@@ -124,6 +124,15 @@ def test_loss_types_are_trls():
         DPOTrainArguments(output_dir="unused", loss_type=["sigmod"], report_to="none")
 
 
+@pytest.mark.parametrize("options", [{"label_smoothing": 0.1}, {"label_smoothing_factor": 0.1}],
+                         ids=["label_smoothing_with_sigmoid", "label_smoothing_factor"])
+def test_loss_options_the_dpo_loss_ignores_are_refused(options):
+    """TRL's sigmoid loss never reads label_smoothing, nor DPOTrainer's loss the Trainer's label smoother."""
+    with pytest.raises(ValueError, match="ignore"):
+        DPOTrainArguments(output_dir="unused", report_to="none", **options)
+    DPOTrainArguments(output_dir="unused", report_to="none", loss_type=["robust"], label_smoothing=0.1)
+
+
 @pytest.fixture(scope="module")
 def tiny_model_dir(tmp_path_factory, tiny_tokenizer):
     from transformers import AutoModelForCausalLM
