@@ -254,3 +254,15 @@ def test_json_array_and_parquet_pairs_read_like_jsonl(tiny_tokenizer, write_json
     from_parquet = prepare_preference_data(PreferenceDataArguments(train_files=[str(parquet)],
                                                                    validation_split_percentage=0), tiny_tokenizer)
     assert from_parquet[0]["train"].to_list() == [read[0][1]] * 2
+
+
+def test_validation_files_without_an_eval_strategy_are_reported(caplog):
+    """The held-out pairs are scored only with an --eval_strategy; a run given them without one says so."""
+    from lmtrain.cli.dpo import warn_unused_validation
+
+    data = PreferenceDataArguments(train_files=["train.jsonl"], validation_files=["held_out.jsonl"])
+    with caplog.at_level("WARNING", logger="dpo"):
+        assert warn_unused_validation(data, DPOTrainArguments(output_dir="unused", report_to="none"))
+    assert "held_out.jsonl: not evaluated" in caplog.text and "--eval_strategy" in caplog.text
+    evaluating = DPOTrainArguments(output_dir="unused", report_to="none", eval_strategy="steps", eval_steps=5)
+    assert not warn_unused_validation(data, evaluating)

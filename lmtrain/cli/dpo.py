@@ -39,6 +39,17 @@ from lmtrain.training.trainer import save_final_model
 logger = logging.getLogger("dpo")
 
 
+def warn_unused_validation(data_args, training_args) -> bool:
+    """--validation_files without --eval_strategy: DPOTrainer never scores those pairs, and a run that shows no
+    eval_ figures looks like one whose evaluation failed. Said once at the start; True when said."""
+    if not data_args.validation_files or training_args.eval_strategy != "no":
+        return False
+    logger.warning("--validation_files %s: not evaluated, since --eval_strategy is no; pass --eval_strategy steps "
+                   "--eval_steps N (or epoch) for held-out loss, reward accuracy and margin",
+                   " ".join(data_args.validation_files))
+    return True
+
+
 def main(argv=None):
     model_args, data_args, lora_args, training_args = parse_arguments(
         [ModelArguments, PreferenceDataArguments, LoraArguments, DPOTrainArguments], argv)
@@ -49,6 +60,7 @@ def main(argv=None):
                     data=data_args, lora=lora_args, training=training_args)
     if run.finished_metrics is not None:
         return None, run.finished_metrics
+    warn_unused_validation(data_args, training_args)
 
     tokenizer = load_tokenizer(model_args.tokenizer_name or model_args.model_name_or_path,
                                cache_dir=model_args.cache_dir, revision=model_args.model_revision)
