@@ -19,7 +19,6 @@ from lmtrain.training.guards import NonFiniteStop, StepGuard
 from lmtrain.training.signals import PreemptionCallback, signal_name
 from lmtrain.data.collators import REAL_TOKENS_KEY, CountingCollator, collate_packed_blocks
 from lmtrain.training.losses import loss_function_for
-from lmtrain.training.losses import loss_function_for
 from lmtrain.training.metrics import eval_figures, token_loss_stats
 from lmtrain.training.reporting import configure_reporting, log_samples
 
@@ -227,7 +226,6 @@ def build_trainer(model, tokenizer, args, train_dataset, eval_dataset=None, data
     callbacks = trainer_callbacks(args)
     return LMTrainer(model=model, args=args, train_dataset=train_dataset, eval_dataset=eval_dataset,
                      data_collator=data_collator, processing_class=tokenizer, callbacks=callbacks,
-                     compute_loss_func=loss_function_for(args),  # label smoothing / z-loss, else the model's
                      compute_loss_func=loss_function_for(args),  # label smoothing / z-loss, else the model's
                      eval_bytes_per_token=eval_bytes_per_token,
                      throughput=ThroughputCallback(model, peak_tflops=args.peak_tflops),
