@@ -112,6 +112,23 @@ class DataArguments:
     dedup_exact: bool = field(default=True, metadata={"help": "Remove exact duplicate documents."})
     dedup_near: bool = field(default=True, metadata={"help": "Remove near duplicates (MinHash LSH)."})
     near_dup_threshold: float = field(default=0.8, metadata={"help": "Jaccard threshold for near duplicates."})
+    # Quality filters (lmtrain/data/quality.py), off by default; their drops are counted per reason.
+    languages: str = field(default="", metadata={
+        "help": "Keep only documents in these languages, e.g. en,zh (ISO 639-1 codes of py3langid, whose model "
+                "ships in its wheel); others are dropped as wrong_language. Per source: NAME=PATH:languages=none "
+                "(e.g. code) or languages=en+zh. Default: no language filter."})
+    min_language_confidence: float = field(default=0.0, metadata={
+        "help": "With --languages: also drop a document in a wanted language whose probability is below this "
+                "(low_language_confidence), e.g. 0.9."})
+    perplexity_model: str | None = field(default=None, metadata={
+        "help": "A causal LM directory (with its tokenizer) that scores every kept document; with "
+                "--max_perplexity, documents above it are dropped as high_perplexity."})
+    max_perplexity: float | None = field(default=None, metadata={
+        "help": "Drop documents whose perplexity under --perplexity_model (per token of its tokenizer, on the "
+                "first --perplexity_max_tokens tokens) is above this. report.json lists the percentiles."})
+    perplexity_max_tokens: int = field(default=512, metadata={"help": "Tokens of each document scored."})
+    perplexity_batch_tokens: int = field(default=16384, metadata={
+        "help": "Tokens per scoring batch (documents sorted by length, so batches are nearly unpadded)."})
 
     def __post_init__(self):
         if self.train_files and self.sources:
@@ -127,6 +144,16 @@ class DataArguments:
                              "one from the training sources: give one or the other")
         if self.txt_unit not in ("file", "line", "paragraph"):
             raise ValueError("--txt_unit must be file, line or paragraph")
+        if (self.perplexity_model is None) != (self.max_perplexity is None):
+            raise ValueError("--perplexity_model and --max_perplexity go together: the model scores, the "
+                             "threshold drops")
+        if self.max_perplexity is not None and self.max_perplexity <= 1:
+            raise ValueError(f"--max_perplexity {self.max_perplexity}: a perplexity is at least 1")
+        if not 0 <= self.min_language_confidence <= 1:
+            raise ValueError(f"--min_language_confidence {self.min_language_confidence}: a probability in [0, 1]")
+        if (self.languages or self.perplexity_model) and not self.clean:
+            raise ValueError("--languages / --perplexity_model are cleaning steps, and --clean false turns every "
+                             "cleaning step off: drop one or the other")
         if self.packing_strategy not in ("group_texts", "best_fit"):
             raise ValueError(f"--packing_strategy {self.packing_strategy}: group_texts or best_fit")
         if self.packing_strategy == "best_fit" and self.drop_remainder:

@@ -16,6 +16,8 @@ from dataclasses import dataclass, fields
 
 import numpy as np
 
+from lmtrain.data.quality import language_drop, parse_languages
+
 # C0/C1 control characters except tab, newline and carriage return, plus zero-width and BOM characters
 # that scraped text carries invisibly.
 _CONTROL = re.compile("[\x00-\x08\x0b\x0c\x0e-\x1f\x7f-\x9f\u200b\u200e\u200f\ufeff]")
@@ -69,6 +71,8 @@ class CleaningConfig:
     max_chars: int = 0                       # 0: no upper limit
     max_duplicate_line_fraction: float = 0.3  # share of characters in lines that repeat within the document
     min_unique_word_fraction: float = 0.1    # distinct words / words per 1000 words, for documents of 50+
+    languages: str = ""                      # keep only these (py3langid codes, "en,zh"); "": no language filter
+    min_language_confidence: float = 0.0     # and only at this probability or more (lmtrain/data/quality.py)
     dedup_exact: bool = True
     dedup_near: bool = True
     near_dup_threshold: float = 0.8          # estimated Jaccard similarity of token 5-gram shingles
@@ -85,14 +89,15 @@ def cleaning_config(options) -> CleaningConfig:
     if not options.clean:
         return CleaningConfig(unicode_normalization="none", remove_control_chars=False, strip_html=False,
                               min_chars=0, max_chars=0, max_duplicate_line_fraction=1.0,
-                              min_unique_word_fraction=0.0, dedup_exact=False, dedup_near=False)
+                              min_unique_word_fraction=0.0, dedup_exact=False, dedup_near=False, languages="")
     return CleaningConfig(**{f.name: getattr(options, f.name) for f in fields(CleaningConfig) if hasattr(options, f.name)})
 
 
 # The per-document steps, which a mixture may set per source (NAME=PATH@WEIGHT:strip_html=false,min_chars=0);
 # deduplication compares documents across sources, so its settings are global.
+# languages per source: `code=...:languages=none` exempts a code source, `zh=...:languages=zh` (several: en+zh).
 PER_SOURCE_KEYS = ("unicode_normalization", "remove_control_chars", "strip_html", "min_chars", "max_chars",
-                   "max_duplicate_line_fraction", "min_unique_word_fraction")
+                   "max_duplicate_line_fraction", "min_unique_word_fraction", "languages", "min_language_confidence")
 
 
 def looks_like_html(text: str) -> bool:
@@ -158,6 +163,9 @@ def clean_text(text: str, config: CleaningConfig) -> tuple[str, str]:
         words = _WORD.findall(text.lower())
         if len(words) >= 50 and unique_word_fraction(words) < config.min_unique_word_fraction:
             return text, "repetitive_words"
+    languages = parse_languages(config.languages)
+    if languages:  # last: the costliest per-document check runs only on what the cheap ones kept
+        return text, language_drop(text, languages, config.min_language_confidence)
     return text, ""
 
 

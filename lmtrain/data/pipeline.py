@@ -26,6 +26,8 @@ from lmtrain.data.mixture import empty_sources, mixture_selection
 from lmtrain.data.packing import pack_documents, pack_validation, private_tmp
 from lmtrain.data.sources import (reraise_data_error, DataError, ReadStats, SourceSpec, read_file, read_hub_dataset,
                                   resolve_source_files)
+from lmtrain.data.quality import (check_languages, document_perplexities, load_reference_model, parse_languages,
+                                  perplexity_percentiles)
 from lmtrain.data.splitting import group_validation_mask, read_grouped_texts, resolve_split_field
 from lmtrain.data.tokenize import tokenize_table, tokenizer_fingerprint
 
@@ -57,6 +59,8 @@ class PreparationReport:
     # How validation was held out: {"by": "document" | a --split_by field | "validation_files",
     # "validation_groups": the held-out group values}.
     split: dict = field(default_factory=dict)
+    # --perplexity_model: the model, the threshold, how many documents it scored and their percentiles.
+    perplexity: dict = field(default_factory=dict)
     # What training compares its tokenizer with (tokenizer_fingerprint): the data's ids mean this vocabulary.
     tokenizer: dict = field(default_factory=dict)
     cache: dict = field(default_factory=dict)
@@ -87,6 +91,9 @@ class PreparationReport:
             lines.append("validation blocks per source: " + ", ".join(
                 f"{name} {info['blocks']} ({info['bytes_per_token']:.2f} bytes/token)"
                 for name, info in self.validation_sources.items()))
+        if self.perplexity:
+            lines.append("perplexity under the reference model: " + ", ".join(
+                f"{k} {v}" for k, v in self.perplexity.items() if k.startswith("p")))
         if self.split.get("validation_groups"):
             lines.append(f"validation split by {self.split['by']}: " + ", ".join(self.split["validation_groups"]))
         lines.append("cache: " + ", ".join(f"{step}={state}" for step, state in self.cache.items()))
@@ -208,6 +215,35 @@ def _find_duplicates(cleaned: datasets.Dataset, config: CleaningConfig) -> np.nd
     return drops
 
 
+def _perplexities(text_source: datasets.Dataset, candidates: np.ndarray, args: DataArguments,
+                  cache_dir: Path) -> np.ndarray:
+    """Reference-model perplexity per row (nan for rows not scored), cached: scoring is the slow step."""
+    model_files = sorted(Path(args.perplexity_model).glob("*")) if os.path.isdir(args.perplexity_model) else []
+    stamp = [(f.name, f.stat().st_size, f.stat().st_mtime_ns) for f in model_files if f.is_file()]
+    key = hashlib.sha256(json.dumps([text_source._fingerprint, os.path.abspath(args.perplexity_model), stamp,
+                                     args.perplexity_max_tokens]).encode() + candidates.tobytes()).hexdigest()[:24]
+    path = cache_dir / f"perplexity-{key}.npy"
+    if path.exists() and not args.overwrite_cache:
+        return np.load(path)
+    try:
+        model, tokenizer = load_reference_model(args.perplexity_model)
+    except OSError as err:
+        raise DataError(f"--perplexity_model {args.perplexity_model}: not a causal LM directory with its tokenizer "
+                        f"({str(err).splitlines()[0]})") from err
+    rows = np.flatnonzero(candidates)
+    scores = np.full(len(candidates), np.nan)
+    texts = text_source.select_columns(["text"]).with_format("arrow")
+    for offset in range(0, len(rows), 8192):  # a slice of the texts in memory at a time
+        chunk = rows[offset: offset + 8192]
+        scores[chunk] = document_perplexities(
+            texts.select(chunk)["text"].to_pylist(), model, tokenizer, args.perplexity_max_tokens,
+            args.perplexity_batch_tokens, desc=f"perplexity filter ({offset + len(chunk)}/{len(rows)} docs)")
+    tmp = private_tmp(path).with_suffix(".npy")  # np.save appends .npy to other names
+    np.save(tmp, scores)
+    tmp.replace(path)
+    return scores
+
+
 def prepare_pretrain_data(args: DataArguments, tokenizer, cache_dir: str | None = None):
     """Raw sources -> DatasetDict(train, validation) of packed blocks, and a PreparationReport."""
     report = PreparationReport(block_size=args.block_size)
@@ -243,8 +279,12 @@ def prepare_pretrain_data(args: DataArguments, tokenizer, cache_dir: str | None 
             raise DataError(f"--validation_files '{spec}': per-source cleaning options apply to --sources only; "
                             "validation files are cleaned with the global flags (e.g. --strip_html false)")
     started, t0 = time.time(), clock()
+    for name, c in [("--languages", config), *((f"source {n}: languages", c) for n, c in source_configs.items())]:
+        if parse_languages(c.languages):
+            check_languages(parse_languages(c.languages), name)  # a typo would drop every document
     if any([c.unicode_normalization.lower() != "none" or c.remove_control_chars or c.strip_html or c.min_chars
-            or c.max_chars or c.dedup_exact or c.dedup_near for c in [config, *source_configs.values()]]):
+            or c.max_chars or c.dedup_exact or c.dedup_near or parse_languages(c.languages)
+            for c in [config, *source_configs.values()]]):
         cleaned = raw.map(clean_batch, batched=True, batch_size=512, num_proc=num_proc,
                           fn_kwargs={"config": config, "source_configs": source_configs},
                           load_from_cache_file=load_from_cache, desc="cleaning")
@@ -255,6 +295,13 @@ def prepare_pretrain_data(args: DataArguments, tokenizer, cache_dir: str | None 
         drops = np.array(raw.with_format("arrow")["drop"].to_pylist(), dtype=object)
         text_source = raw.remove_columns(["drop"])
     report.seconds["clean_dedup"] = round(clock() - t0, 2)
+    if args.perplexity_model:
+        t0 = clock()
+        scores = _perplexities(text_source, drops == "", args, cache_root)
+        report.perplexity = {"model": args.perplexity_model, "max_perplexity": args.max_perplexity,
+                             "scored": int(np.isfinite(scores).sum()), **perplexity_percentiles(scores)}
+        drops[np.nan_to_num(scores, nan=0.0) > args.max_perplexity] = "high_perplexity"
+        report.seconds["perplexity"] = round(clock() - t0, 2)
     report.dropped = dict(Counter(d for d in drops if d))
     report.documents_read = int(sum(1 for d in drops if d not in ("empty_file",)))
     empty = empty_sources(np.array(raw.with_format("arrow")["source"].to_pylist(), dtype=object), drops, specs)
