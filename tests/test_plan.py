@@ -260,6 +260,33 @@ def test_gpu_hours_budget_and_fp32_time(tmp_path):
         main(["--config_name", "qwen2.5-0.5b", "--gpu_hours", "100", "--gpu", "H200", "--output_dir", str(tmp_path)])
 
 
+def test_plan_with_auto_micro_batch_decides_as_training_would(tmp_path):
+    from lmtrain.cli.plan import main
+    from lmtrain.model.config import resolve_config
+    from lmtrain.planning.memory import attention_layout, largest_micro_batch
+
+    shape = shape_of(resolve_config("qwen2.5-0.5b"))
+    flags = ["--config_name", "qwen2.5-0.5b", "--bf16", "--per_device_train_batch_size", "auto",
+             "--output_dir", str(tmp_path)]
+    usable = 141 * 2 ** 30 * 0.9
+    fit = largest_micro_batch(shape, TrainingSetup(1, 1024, strategy="none", liger=True, fused_cross_entropy=True,
+                                                   **attention_layout("auto")), usable)
+    plan = main(flags + ["--gpu", "H200"])
+    assert plan["memory"]["strategies"]["none"]["largest_micro_batch"] == fit
+    assert plan["compute"]["tokens_per_step"] == fit * 1024 and "auto_micro_batch" in plan
+    lowered = main(flags + ["--gpu", "H200", "--global_batch_size", "256"])
+    micro = max(b for b in range(1, fit + 1) if 256 % b == 0)
+    assert lowered["compute"]["tokens_per_step"] == 256 * 1024
+    assert f"micro-batch {micro} (" in lowered["auto_micro_batch"]
+    # one row of 16,384 tokens fits a 4090 only with checkpointing: turned on, unless refused on purpose
+    long_rows = main(flags + ["--gpu", "4090", "--block_size", "16384"])
+    assert long_rows["auto_micro_batch"].startswith("gradient checkpointing turned on")
+    with pytest.raises(UserError, match="not even a micro-batch of 1 fits 4090"):
+        main(flags + ["--gpu", "4090", "--block_size", "16384", "--gradient_checkpointing", "false"])
+    with pytest.raises(UserError, match="a whole number of rows, or auto"):
+        main(["--config_name", "qwen2.5-0.5b", "--per_device_train_batch_size", "2.5", "--output_dir", str(tmp_path)])
+
+
 def test_the_mfu_warning_is_given_once(tmp_path, caplog):
     from lmtrain.cli.plan import main
 

@@ -55,6 +55,9 @@ def main(argv=None):
     dataset_tokens = None
     if args.dataset_path or args.train_files:
         plan["dataset"], dataset_tokens, seq_length = dataset_section(args, tokenizer, seq_length)
+    if args.auto_micro_batch:
+        plan["auto_micro_batch"] = resolve_auto_micro_batch(args, shape, seq_length, model_args.attn_implementation,
+                                                            gpu)
     setup = training_setup(args, seq_length, model_args.attn_implementation)
     flops_token = compute.training_flops_per_token(shape, seq_length)
     rows_per_step = args.per_device_train_batch_size * args.gradient_accumulation_steps * args.num_gpus
@@ -138,6 +141,44 @@ def check_prepared_against_flags(args, stage: str, row_length: int):
         raise UserError(f"--{flag} {getattr(args, flag)}, but --dataset_path {args.dataset_path} has rows of "
                         f"{row_length} tokens (fixed when it was prepared): drop --{flag} or prepare the data again")
     setattr(args, flag, row_length)
+
+
+def resolve_auto_micro_batch(args, shape, seq_length: int, attention: str, gpu: GPUKind) -> str:
+    """--per_device_train_batch_size auto: the largest micro-batch whose estimate fits --gpu less the headroom,
+    lowered to divide --global_batch_size, with checkpointing turned on only when one row needs it (and
+    --gradient_checkpointing was not given), as lmtrain.planning.auto_batch decides for a training run."""
+    from dataclasses import replace
+
+    from lmtrain.cli.parsing import explicit_options
+
+    args.per_device_train_batch_size = 1
+    setup = training_setup(args, seq_length, attention)
+    usable = gpu.memory_gib * GIB * (1 - args.memory_headroom)
+    fit, why = largest_micro_batch(shape, setup, usable), ""
+    if fit == 0 and not args.gradient_checkpointing and "gradient_checkpointing" not in explicit_options(args):
+        fit = largest_micro_batch(shape, replace(setup, gradient_checkpointing=True), usable)
+        if fit:
+            args.gradient_checkpointing = True
+            why = "gradient checkpointing turned on (one row does not fit without it); "
+    if fit == 0:
+        advice = "" if args.gradient_checkpointing else "--gradient_checkpointing, "
+        raise UserError(f"--per_device_train_batch_size auto: not even a micro-batch of 1 fits {gpu.name} "
+                        f"({estimate_memory(shape, setup).total / GIB:.1f} GiB estimated, {usable / GIB:.1f} usable, "
+                        f"{setup.strategy}). To fit: {advice}a higher ZeRO stage (--deepspeed ds_configs/zero3.json), "
+                        "more GPUs (--num_gpus) or shorter rows; a number instead of auto shows the memory by term")
+    micro = fit
+    if args.global_batch_size is not None:
+        per_gpu = args.global_batch_size // args.num_gpus if args.global_batch_size % args.num_gpus == 0 else 0
+        micro = max((b for b in range(1, fit + 1) if per_gpu % b == 0), default=0) if per_gpu else 0
+        if not micro:
+            raise UserError(f"--global_batch_size {args.global_batch_size} is not a multiple of --num_gpus "
+                            f"{args.num_gpus}")
+    args.per_device_train_batch_size = micro
+    args.resolve_accumulation()
+    where = f"the largest that fits {gpu.name} ({usable / GIB:.1f} GiB usable)"
+    if micro < fit:
+        return f"{why}micro-batch {micro} ({where} is {fit}, lowered to divide --global_batch_size)"
+    return f"{why}micro-batch {micro}, {where}"
 
 
 def training_setup(args, seq_length: int, attention: str) -> TrainingSetup:
@@ -252,6 +293,8 @@ def summary(plan: dict, setup: TrainingSetup) -> str:
                      "tokens")
     lines.append(f"tokens {comp['train_tokens']:.4g} ({comp['train_tokens_from']}), {comp['optimizer_steps']:,} steps "
                  f"of {comp['tokens_per_step']:,} tokens, {comp['training_flops']:.4g} FLOPs")
+    if "auto_micro_batch" in plan:
+        lines.append(f"--per_device_train_batch_size auto: {plan['auto_micro_batch']}")
     if "dataset" in plan:
         d = plan["dataset"]
         lines.append(f"dataset: {d['count']:,} {d['unit']}s, {d['tokens']:,} tokens; length P50 {d['p50']} P90 "

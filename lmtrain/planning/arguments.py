@@ -34,7 +34,9 @@ class PlanArguments:
         "help": "Compute budget in GPU-hours of --gpu at the plan's MFU (instead of --compute_budget)."})
     max_steps: int | None = field(default=None, metadata={"help": "Optimizer steps (as pretrain.py)."})
     num_train_epochs: float = field(default=1.0, metadata={"help": "Epochs over the dataset, for its token count."})
-    per_device_train_batch_size: int = field(default=8, metadata={"help": "Micro-batch per GPU, in rows."})
+    per_device_train_batch_size: str = field(default="8", metadata={
+        "help": "Micro-batch per GPU, in rows, or auto: the largest that fits --gpu, as pretrain.py's auto picks it "
+                "(lowered to divide --global_batch_size)."})
     gradient_accumulation_steps: int | None = field(default=None, metadata={
         "help": "Micro-batches per optimizer step (default 1, or what --global_batch_size makes it)."})
     global_batch_size: int | None = field(default=None, metadata={
@@ -82,6 +84,15 @@ class PlanArguments:
         if self.train_tokens and self.max_steps:
             raise ValueError(f"--train_tokens {self.train_tokens} and --max_steps {self.max_steps} both set the tokens "
                              "of the run: give one of them")
+        self.auto_micro_batch = str(self.per_device_train_batch_size).strip().lower() == "auto"
+        if self.auto_micro_batch:
+            self.per_device_train_batch_size = None   # set by the plan once the model and the GPU are known
+        else:
+            try:
+                self.per_device_train_batch_size = int(self.per_device_train_batch_size)
+            except ValueError:
+                raise ValueError(f"--per_device_train_batch_size {self.per_device_train_batch_size}: a whole number "
+                                 "of rows, or auto") from None
         for name in ("block_size", "max_length", "per_device_train_batch_size", "gradient_accumulation_steps",
                      "num_gpus", "max_steps", "global_batch_size", "max_samples", "num_train_epochs", "gpu_hours",
                      "gpu_memory_gib", "peak_tflops", "mfu", "price_per_gpu_hour"):
@@ -92,6 +103,11 @@ class PlanArguments:
             raise ValueError(f"--mfu {self.mfu}: a share of the peak, between 0 and 1 (e.g. 0.35)")
         if not 0 <= self.memory_headroom < 1:
             raise ValueError(f"--memory_headroom {self.memory_headroom}: a share between 0 and 1 (e.g. 0.1)")
+        if not self.auto_micro_batch:
+            self.resolve_accumulation()
+
+    def resolve_accumulation(self):
+        """gradient_accumulation_steps from --global_batch_size (or 1), once the micro-batch is known."""
         if self.global_batch_size is not None:
             per_step = self.per_device_train_batch_size * self.num_gpus
             if self.global_batch_size % per_step:
