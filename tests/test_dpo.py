@@ -266,3 +266,22 @@ def test_validation_files_without_an_eval_strategy_are_reported(caplog):
     assert "held_out.jsonl: not evaluated" in caplog.text and "--eval_strategy" in caplog.text
     evaluating = DPOTrainArguments(output_dir="unused", report_to="none", eval_strategy="steps", eval_steps=5)
     assert not warn_unused_validation(data, evaluating)
+
+
+def test_validation_files_of_a_dataset_dict_read_its_held_out_split(tiny_tokenizer, tmp_path):
+    """The same save_to_disk DatasetDict (or hub dataset) as train and validation files: train pairs from its
+    train split, held-out pairs from its test split, not the train split twice."""
+    from datasets import Dataset, DatasetDict
+
+    saved = tmp_path / "pairs_dict"
+    DatasetDict({"train": Dataset.from_list([PAIRS[0]] * 3), "test": Dataset.from_list([PAIRS[1]])}).save_to_disk(saved)
+    args = PreferenceDataArguments(train_files=[str(saved)], validation_files=[str(saved)])
+    data, report = prepare_preference_data(args, tiny_tokenizer, evaluate=True)
+    assert (report["train_pairs"], report["validation_pairs"]) == (3, 1)
+    expected = encode_pair(tiny_tokenizer, *record_to_pair(PAIRS[1], "x"), max_length=args.max_length)
+    assert data["validation"][0]["chosen_ids"] == expected["chosen_ids"]
+    DatasetDict({"train": Dataset.from_list([PAIRS[0]] * 3)}).save_to_disk(tmp_path / "train_only")
+    with pytest.raises(DataError, match="no validation or test split"):
+        prepare_preference_data(PreferenceDataArguments(train_files=[str(saved)],
+                                                        validation_files=[str(tmp_path / "train_only")]),
+                                tiny_tokenizer, evaluate=True)

@@ -16,7 +16,9 @@ naming file:line, with the same wording as the other stages.
 """
 from __future__ import annotations
 
+import json
 import logging
+import os
 from collections import Counter
 from dataclasses import dataclass, field
 
@@ -150,14 +152,44 @@ def _looks_like_pair(record: dict) -> bool:
     return "chosen" in record and "rejected" in record
 
 
-def read_pairs(files: list[str], tokenizer, max_length: int, strict: bool, stats: PreferenceStats) -> list[dict]:
+HELD_OUT_SPLITS = ("validation", "test")
+
+
+def held_out_split(name: str) -> str:
+    """The split --validation_files reads of a hub dataset (`name` or `name:config`) or a save_to_disk
+    directory: its validation or test split. Never train: the held-out figures would be training pairs'."""
+    if os.path.isdir(name):
+        index = os.path.join(name, "dataset_dict.json")
+        if not os.path.exists(index):
+            return "train"  # one saved Dataset, not a DatasetDict: all of it is what was given
+        with open(index, encoding="utf-8") as handle:
+            splits = json.load(handle)["splits"]
+    else:
+        repo, _, config = name.partition(":")
+        try:
+            splits = datasets.get_dataset_split_names(repo, config or None)
+        except Exception as err:  # offline, unknown name, ...: the same failure load_dataset would meet
+            raise DataError(f"--validation_files {name}: cannot list its splits ({err})") from err
+    for split in HELD_OUT_SPLITS:
+        if split in splits:
+            return split
+    raise DataError(f"--validation_files {name}: no {' or '.join(HELD_OUT_SPLITS)} split (splits: "
+                    f"{', '.join(splits)}); hold pairs out with --validation_split_percentage instead")
+
+
+def read_pairs(files: list[str], tokenizer, max_length: int, strict: bool, stats: PreferenceStats,
+               held_out: bool = False) -> list[dict]:
     """Encoded pairs of `files` (local record files, or `hub://NAME`), in file order; drops counted in
-    stats.dropped by reason, or (strict) a DataError naming the record."""
+    stats.dropped by reason, or (strict) a DataError naming the record. `held_out`: a hub dataset's
+    validation or test split (held_out_split) instead of its train split."""
     pairs = []
     for path in files:
         read = ReadStats()
-        records = (read_hub_records(path[len("hub://"):], "train", read) if path.startswith("hub://")
-                   else read_records(path, read, strict))
+        if path.startswith("hub://"):
+            name = path[len("hub://"):]
+            records = read_hub_records(name, held_out_split(name) if held_out else "train", read)
+        else:
+            records = read_records(path, read, strict)
         objects = looking = 0
         seen: Counter = Counter()
         for where, record in records:
@@ -216,7 +248,8 @@ def prepare_preference_data(args, tokenizer, evaluate: bool = False) -> tuple[da
     stats = PreferenceStats()
     train = read_pairs(_files(args.train_files), tokenizer, args.max_length, strict, stats)
     if args.validation_files:
-        validation = read_pairs(_files(args.validation_files), tokenizer, args.max_length, strict, stats)
+        validation = read_pairs(_files(args.validation_files), tokenizer, args.max_length, strict, stats,
+                                held_out=True)
         if evaluate and not validation:
             raise DataError(f"evaluation is requested but --validation_files {' '.join(args.validation_files)} "
                             f"give no pair (dropped: {dict(stats.dropped)}); check those files")
