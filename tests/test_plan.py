@@ -345,6 +345,10 @@ def test_a_default_mfu_from_a_much_larger_model_is_warned(tmp_path, caplog):
                     "--output_dir", str(tmp_path)])
     assert matched["time"]["mfu_run_differs"] == []
     assert matched["time"]["tokens_per_second_per_gpu"] == pytest.approx(96942, rel=1e-3)  # fast-0.5b-bs16 itself
+    eight = main(["--config_name", "qwen2.5-0.5b", "--bf16", "--deepspeed", "ds_configs/zero2.json", "--gpu", "H200",
+                  "--block_size", "2048", "--per_device_train_batch_size", "16", "--num_gpus", "8",
+                  "--output_dir", str(tmp_path)])
+    assert eight["time"]["mfu_run_differs"] == ["GPUs 1 there, 8 here"]
 
 
 def test_prepared_directory_segments(tmp_path, prepare_data, tiny_tokenizer):

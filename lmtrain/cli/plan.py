@@ -254,7 +254,8 @@ def planned_mfu(args, shape, gpu, setup: TrainingSetup):
         return None, f"nothing measured on {gpu.name}: pass --mfu", []
     differences = [f"{what} {theirs} there, {ours} here" for what, theirs, ours in (
         ("ZeRO", run.strategy, strategy), ("checkpointing", run.gradient_checkpointing, args.gradient_checkpointing),
-        ("Liger", run.liger, liger)) if theirs != ours and not (what == "ZeRO" and ours.startswith(theirs))]
+        ("Liger", run.liger, liger), ("GPUs", run.num_gpus, args.num_gpus))
+        if theirs != ours and not (what == "ZeRO" and ours.startswith(theirs))]
     theirs, ours = run.shape().parameters(), shape.parameters()
     if max(theirs, ours) > SIZE_RATIO_WARNED * min(theirs, ours):  # a small model's step is mostly fixed overhead
         differences.append(f"model size {theirs / 1e6:,.0f}M there, {ours / 1e6:,.1f}M here")
