@@ -445,6 +445,10 @@ def test_auto_batch_turns_checkpointing_on_only_when_one_row_needs_it(tmp_path, 
     # an explicit choice is kept: off is refused with the reason, on is used as given (and not announced)
     with pytest.raises(UserError, match="off here as you asked"):
         _parse_training(argv + ["--gradient_checkpointing", "false"], tmp_path)
+    config = tmp_path / "run.yaml"
+    config.write_text("gradient_checkpointing: false\n")   # a config file's choice is as explicit as a flag
+    with pytest.raises(UserError, match="off here as you asked"):
+        _parse_training([str(config)] + argv, tmp_path)
     _, _, given = _parse_training(argv + ["--gradient_checkpointing"], tmp_path)
     assert given.gradient_checkpointing and "turned on" not in given.batch_size_choice
     # memory enough without it: it stays off
