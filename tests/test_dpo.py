@@ -285,3 +285,11 @@ def test_validation_files_of_a_dataset_dict_read_its_held_out_split(tiny_tokeniz
         prepare_preference_data(PreferenceDataArguments(train_files=[str(saved)],
                                                         validation_files=[str(tmp_path / "train_only")]),
                                 tiny_tokenizer, evaluate=True)
+
+
+def test_a_tokenizer_without_a_chat_template_is_a_data_error(tiny_tokenizer, write_jsonl):
+    tokenizer = copy.deepcopy(tiny_tokenizer)
+    tokenizer.chat_template = None
+    args = PreferenceDataArguments(train_files=[write_jsonl(PAIRS)], validation_split_percentage=0)
+    with pytest.raises(DataError, match="has no chat template"):
+        prepare_preference_data(args, tokenizer)

@@ -244,6 +244,10 @@ def prepare_preference_data(args, tokenizer, evaluate: bool = False) -> tuple[da
     """PreferenceDataArguments -> (DatasetDict with train [and validation] pairs, report dict)."""
     from lmtrain.data.sft_prepare import _files, validation_mask
 
+    if not getattr(tokenizer, "chat_template", None):  # else transformers' ValueError, as a traceback, per pair
+        raise DataError(f"the tokenizer ({getattr(tokenizer, 'name_or_path', '')}) has no chat template: preference "
+                        "pairs are rendered as chat turns through it, as in SFT. Tune the model with sft.py first (its "
+                        "tokenizer is saved with the template), or pass --tokenizer_name of a tokenizer that has one")
     strict = not args.lenient
     stats = PreferenceStats()
     train = read_pairs(_files(args.train_files), tokenizer, args.max_length, strict, stats)
