@@ -224,9 +224,11 @@ def test_one_step_raises_the_chosen_minus_rejected_margin(tiny_model_dir, tiny_t
             "tokens_per_second_per_device"} <= set(first)
 
 
-def test_lora_dpo_has_no_second_model(tiny_model_dir, tiny_tokenizer, tmp_path):
-    trainer = make_trainer(tiny_model_dir, tiny_tokenizer, tmp_path, PAIRS, lora=True, warmup_steps=0,
-                           lr_scheduler_type="constant")
+def test_lora_dpo_has_no_second_model(tiny_model_dir, tiny_tokenizer, tmp_path, caplog):
+    with caplog.at_level("INFO", logger="lmtrain.training.preference"):
+        trainer = make_trainer(tiny_model_dir, tiny_tokenizer, tmp_path, PAIRS, lora=True, warmup_steps=0,
+                               lr_scheduler_type="constant")
+    assert "reference: the base model with the LoRA adapter switched off" in caplog.text
     assert trainer.ref_model is None
     assert list(trainer.model.peft_config) == ["default"]  # no frozen copy of the adapter either
     batch = first_batch(trainer)
@@ -293,3 +295,11 @@ def test_a_tokenizer_without_a_chat_template_is_a_data_error(tiny_tokenizer, wri
     args = PreferenceDataArguments(train_files=[write_jsonl(PAIRS)], validation_split_percentage=0)
     with pytest.raises(DataError, match="has no chat template"):
         prepare_preference_data(args, tokenizer)
+
+
+def test_lora_with_precomputed_reference_says_so(tiny_model_dir, tiny_tokenizer, tmp_path, caplog):
+    with caplog.at_level("INFO", logger="lmtrain.training.preference"):
+        trainer = make_trainer(tiny_model_dir, tiny_tokenizer, tmp_path, PAIRS, lora=True,
+                               precompute_ref_log_probs=True)
+    assert "ref_chosen_logps" in trainer.train_dataset.column_names  # scored before training, not per step
+    assert "reference: log-probs of the starting model, computed before training" in caplog.text

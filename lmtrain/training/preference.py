@@ -95,9 +95,10 @@ def build_preference_trainer(model, ref_model, tokenizer, args, train_dataset, e
         processing_class=tokenizer, callbacks=callbacks,
         # MFU counts the policy's forward and backward; the reference's forward (a third more) is not in it.
         throughput=ThroughputCallback(model, peak_tflops=args.peak_tflops), guard=StepGuard(args.max_nonfinite_steps))
+    # precomputed first: with LoRA too the pairs are then scored once, and no reference forward runs in training
     reference = ("a frozen copy of the starting model" if trainer.ref_model is not None else
-                 "the base model with the LoRA adapter switched off" if getattr(trainer.model, "peft_config", None)
-                 else "log-probs of the starting model, computed before training")
+                 "log-probs of the starting model, computed before training" if args.precompute_ref_log_probs
+                 else "the base model with the LoRA adapter switched off")
     logger.info("DPO: loss %s, beta %g, reference: %s", "+".join(args.loss_type), args.beta, reference)
     return trainer
 
