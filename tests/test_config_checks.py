@@ -154,3 +154,15 @@ def test_bf16_without_a_gpu_trains_in_bf16_on_the_cpu(tmp_path):
 
     args = TrainArguments(output_dir=str(tmp_path), bf16=True)
     assert args.bf16 and args.use_cpu
+
+
+@pytest.mark.parametrize("text, reason", [('{"hidden_size": 3', "not a valid JSON"),
+                                          ('{"hidden_size": 32}', "model_type")])
+def test_unreadable_config_file_is_one_user_error(tmp_path, text, reason):
+    from lmtrain.errors import UserError
+    from lmtrain.model.config import resolve_config
+
+    path = tmp_path / "model.json"
+    path.write_text(text)
+    with pytest.raises(UserError, match=f"--config_name {path}: not a model config.*{reason}"):
+        resolve_config(str(path))

@@ -19,7 +19,11 @@ def resolve_config(name: str, overrides: str | None = None, **hub_kwargs):
     """A directory with config.json, a .json file, a name from configs/, or a hub name."""
     path = Path(name)
     if path.suffix == ".json" and path.is_file():
-        config = AutoConfig.from_pretrained(str(path))
+        try:
+            config = AutoConfig.from_pretrained(str(path))
+        except (OSError, ValueError) as error:  # not JSON, or no model_type
+            raise UserError(f"--config_name {name}: not a model config transformers can read ({error}); a "
+                            "config.json needs a model_type, e.g. configs/qwen2.5-0.5b.json") from error
     elif (CONFIGS_DIR / f"{name}.json").is_file() and not path.is_dir():
         config = AutoConfig.from_pretrained(str(CONFIGS_DIR / f"{name}.json"))
     else:
