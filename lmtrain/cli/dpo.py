@@ -4,9 +4,11 @@ the reference a frozen copy of the starting model, or none (LoRA: the adapter sw
 
     # the demo: prefer the right answers of the SFT demo tasks over plausible wrong ones
     python data_prep/make_sft_demo.py --output_dir data/sft_demo   # also writes preference_{train,eval}.jsonl
+    # (scripts/demo.sh step 8 on the CPU; docs/DPO.md has its measured gain)
     python dpo.py --model_name_or_path outputs/demo/sft --train_files data/sft_demo/preference_train.jsonl \
-        --validation_files data/sft_demo/preference_eval.jsonl --max_length 128 --beta 0.1 \
-        --learning_rate 5e-5 --max_steps 60 --eval_strategy steps --eval_steps 30 --output_dir outputs/demo/dpo
+        --validation_files data/sft_demo/preference_eval.jsonl --max_length 128 --loss_type sigmoid sft --beta 0.1 \
+        --per_device_train_batch_size 16 --learning_rate 3e-4 --warmup_steps 5 --max_steps 120 \
+        --eval_strategy steps --eval_steps 120 --output_dir outputs/demo/dpo
 
     # full DPO with ZeRO-3 on 8 GPUs, reference log-probs computed once (no second model in memory)
     deepspeed --num_gpus 8 dpo.py --deepspeed ds_configs/zero3.json --bf16 --model_name_or_path outputs/sft \
