@@ -61,7 +61,8 @@ def main():
 
     from lmtrain.training.trainer import LMTrainer
 
-    batches_of, step_of, loader_of = LMTrainer.get_batch_samples, LMTrainer.training_step, LMTrainer.get_train_dataloader
+    batches_of, step_of = LMTrainer.get_batch_samples, LMTrainer.training_step
+    loader_of = LMTrainer.get_train_dataloader
     current = {"rows": [], "losses": [], "micro_batches": 0}
 
     def get_batch_samples(self, epoch_iterator, num_batches, device):

@@ -135,8 +135,9 @@ def test_only_rank_0_writes_logs_reports_samples_and_the_model(two_processes):
     assert sorted(writes[1]) == [".", *(f"checkpoint-{step}/rng_state_1.pth" for step in (2, 4, 6))], writes[1]
     written = set(writes[0])
     for name in ("lmtrain_config.json", "data_report.json", "samples.jsonl", "trainer_state.json", "all_results.json",
-                 "lmtrain_complete.tmp", "model.safetensors", "checkpoint-2/model.safetensors", "checkpoint-2/optimizer.pt",
-                 "checkpoint-2/rng_state_0.pth", "checkpoint-4/lmtrain_checkpoint.json.tmp", "training_curves.png"):
+                 "lmtrain_complete.tmp", "model.safetensors", "checkpoint-2/model.safetensors",
+                 "checkpoint-2/optimizer.pt", "checkpoint-2/rng_state_0.pth",
+                 "checkpoint-4/lmtrain_checkpoint.json.tmp", "training_curves.png"):
         assert name in written, name  # the audit sees what rank 0 writes (lmtrain_complete: written, then renamed)
     events = list((out / "runs").rglob("events.out.tfevents.*"))
     assert len(events) == 1, events  # one TensorBoard run, not one per rank

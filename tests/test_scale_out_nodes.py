@@ -209,9 +209,11 @@ def test_two_nodes_on_this_machine_train_through_the_torchrun_route(tmp_path):
     flags = ["--deepspeed", "", "--bf16", "false", "--gradient_checkpointing", "false", "--config_overrides",
              "hidden_size=32,intermediate_size=64,num_hidden_layers=2,num_attention_heads=2,num_key_value_heads=1",
              "--per_device_train_batch_size", "2", "--max_steps", "2", "--save_steps", "2", "--report_to", "none",
-             "--plot_curves", "false", "--dataloader_num_workers", "0", "--disable_tqdm", "true", "--logging_steps", "1"]
-    nodes = [subprocess.Popen(["bash", "scripts/pretrain_multinode.sh", *flags], cwd=REPO, env={**env, "NODE_RANK": str(r)},
-                              text=True, stdout=subprocess.PIPE, stderr=subprocess.STDOUT) for r in range(2)]
+             "--plot_curves", "false", "--dataloader_num_workers", "0", "--disable_tqdm", "true", "--logging_steps",
+             "1"]
+    nodes = [subprocess.Popen(["bash", "scripts/pretrain_multinode.sh", *flags], cwd=REPO,
+                              env={**env, "NODE_RANK": str(r)}, text=True, stdout=subprocess.PIPE,
+                              stderr=subprocess.STDOUT) for r in range(2)]
     outputs = [node.communicate(timeout=300)[0] for node in nodes]
     for rank, node in enumerate(nodes):
         assert node.returncode == 0, outputs[rank][-3000:]

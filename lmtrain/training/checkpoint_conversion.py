@@ -97,7 +97,8 @@ def check_resume_world(args, checkpoint: str | None):
     if checkpoint is None:
         return
     record = read_checkpoint_marker(Path(checkpoint)) or {}
-    saved_world, zero_stage, saved_batch = record.get("world_size"), record.get("zero_stage"), record.get("global_batch")
+    saved_world, zero_stage = record.get("world_size"), record.get("zero_stage")
+    saved_batch = record.get("global_batch")
     if saved_batch and saved_batch != global_batch_rows(args):
         raise UserError(
             f"{checkpoint} was trained with a global batch of {saved_batch} rows per step and this run's is "
