@@ -75,7 +75,7 @@ def reference_model_dir(corpus, tiny_tokenizer, tmp_path_factory):
 
 def test_batched_scores_equal_one_document_at_a_time(corpus, reference_model_dir):
     records, _ = corpus
-    texts = [r["text"] for r in records[:24]] + ["a"]
+    texts = [r["text"] for r in records[:16]] + ["a"]
     model, tokenizer = load_reference_model(str(reference_model_dir))
     batched = document_perplexities(texts, model, tokenizer, max_tokens=96, batch_tokens=2048)
     single = document_perplexities(texts, model, tokenizer, max_tokens=96, batch_tokens=1)
@@ -84,9 +84,9 @@ def test_batched_scores_equal_one_document_at_a_time(corpus, reference_model_dir
 
 
 def test_perplexity_filter_drops_above_the_threshold(corpus, reference_model_dir, write_jsonl, prepare_data):
-    records, _ = corpus
+    records = corpus[0][:120]  # half the corpus, first 128 tokens of each: a few seconds of scoring
     model, tokenizer = load_reference_model(str(reference_model_dir))
-    scores = document_perplexities([r["text"] for r in records], model, tokenizer, max_tokens=512)
+    scores = document_perplexities([r["text"] for r in records], model, tokenizer, max_tokens=128)
     by_kind = {k: np.median([s for r, s in zip(records, scores) if r["kind"] == k]) for k in ("english", "junk")}
     assert by_kind["junk"] > 2 * by_kind["english"]  # even a seconds-old reference model tells them apart
     threshold = float(np.percentile([s for r, s in zip(records, scores) if r["kind"] == "english"], 95))
@@ -94,7 +94,8 @@ def test_perplexity_filter_drops_above_the_threshold(corpus, reference_model_dir
     # Cleaning off except the filter, so the pipeline scores exactly these texts.
     options = dict(unicode_normalization="none", remove_control_chars=False, strip_html=False, min_chars=0,
                    max_duplicate_line_fraction=1.0, min_unique_word_fraction=0.0, dedup_exact=False, dedup_near=False)
-    _, report = prepare_data([path], perplexity_model=str(reference_model_dir), max_perplexity=threshold, **options)
+    _, report = prepare_data([path], perplexity_model=str(reference_model_dir), max_perplexity=threshold,
+                             perplexity_max_tokens=128, **options)
     assert report.dropped == {"high_perplexity": int((scores > threshold).sum())}
     assert report.perplexity["scored"] == len(records) and report.perplexity["p50"] > 1
     dropped = shares(records, scores > threshold)
