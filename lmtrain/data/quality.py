@@ -2,7 +2,7 @@
 
 Language identification (`--languages en,zh --min_language_confidence 0.9`) runs per document inside the
 cleaning step (lmtrain/data/cleaning.py, so in parallel and cached). It uses py3langid, the maintained fork
-of langid.py, whose 97-language naive Bayes model ships inside the wheel (nothing is downloaded at run time).
+of langid.py, whose naive Bayes model (140 language labels) ships inside the wheel (nothing is downloaded at run time).
 A document is dropped as `wrong_language` when its most likely language is not one of --languages, and as
 `low_language_confidence` when it is but with a probability below the threshold. py3langid also knows `zxx`
 ("no linguistic content": symbols, numbers, keyboard mash), which is never a language one asks for.
