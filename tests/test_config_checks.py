@@ -48,7 +48,7 @@ def test_row_length_above_the_model_positions_is_refused_before_the_model_is_bui
     sft = ["--config_name", "qwen2-tiny", "--config_overrides", TINY + ",max_position_embeddings=128",
            "--train_files", str(tmp_path / "missing.jsonl"), "--max_length", "512", "--report_to", "none",
            "--output_dir", str(tmp_path / "sft")]
-    with pytest.raises(UserError, match="--max_length: the SFT samples are 512 tokens long .*=128.*--max_length 128"):
+    with pytest.raises(UserError, match="--max_length: the training sequences are 512 tokens long .*=128.*--max_length 128"):
         sft_cli.main(sft)
 
 

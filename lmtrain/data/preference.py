@@ -16,9 +16,7 @@ naming file:line, with the same wording as the other stages.
 """
 from __future__ import annotations
 
-import json
 import logging
-import os
 from collections import Counter
 from dataclasses import dataclass, field
 
@@ -27,7 +25,7 @@ import numpy as np
 
 from lmtrain.data.chat_render import RecordProblem, render_conversation
 from lmtrain.data.sft import check_messages, to_messages
-from lmtrain.data.sources import DataError, ReadStats, read_hub_records, read_records
+from lmtrain.data.sources import DataError, ReadStats, read_hub_records, read_records, held_out_split
 
 logger = logging.getLogger(__name__)
 STRICT_HINT = "(with the default --lenient true such records are dropped and counted)"
@@ -150,31 +148,6 @@ class PreferenceStats:
 
 def _looks_like_pair(record: dict) -> bool:
     return "chosen" in record and "rejected" in record
-
-
-HELD_OUT_SPLITS = ("validation", "test")
-
-
-def held_out_split(name: str) -> str:
-    """The split --validation_files reads of a hub dataset (`name` or `name:config`) or a save_to_disk
-    directory: its validation or test split. Never train: the held-out figures would be training pairs'."""
-    if os.path.isdir(name):
-        index = os.path.join(name, "dataset_dict.json")
-        if not os.path.exists(index):
-            return "train"  # one saved Dataset, not a DatasetDict: all of it is what was given
-        with open(index, encoding="utf-8") as handle:
-            splits = json.load(handle)["splits"]
-    else:
-        repo, _, config = name.partition(":")
-        try:
-            splits = datasets.get_dataset_split_names(repo, config or None)
-        except Exception as err:  # offline, unknown name, ...: the same failure load_dataset would meet
-            raise DataError(f"--validation_files {name}: cannot list its splits ({err})") from err
-    for split in HELD_OUT_SPLITS:
-        if split in splits:
-            return split
-    raise DataError(f"--validation_files {name}: no {' or '.join(HELD_OUT_SPLITS)} split (splits: "
-                    f"{', '.join(splits)}); hold pairs out with --validation_split_percentage instead")
 
 
 def read_pairs(files: list[str], tokenizer, max_length: int, strict: bool, stats: PreferenceStats,

@@ -28,7 +28,8 @@ from lmtrain.data.pipeline import _percentiles, _reused, _stamp
 from lmtrain.data.tokenize import tokenizer_fingerprint
 from lmtrain.data.sft import encode_conversation, record_to_messages
 from lmtrain.data.sft_rows import pack_bins, write_rows
-from lmtrain.data.sources import DataError, reraise_data_error, ReadStats, expand_location, read_hub_records, read_records
+from lmtrain.data.sources import (DataError, ReadStats, expand_location, held_out_split, read_hub_records, read_records,
+                                  reraise_data_error)
 from lmtrain.errors import UserError
 
 logger = logging.getLogger(__name__)
@@ -57,7 +58,8 @@ def _generate_sft_records(files: list[str], split: str, strict: bool, stamps: li
     for path in files:
         stats = ReadStats()
         if path.startswith("hub://"):
-            records = read_hub_records(path[len("hub://"):], "train", stats)
+            name = path[len("hub://"):]  # held-out files read a validation or test split, never train's
+            records = read_hub_records(name, "train" if split == "train" else held_out_split(name), stats)
         else:
             records = read_records(path, stats, strict)
         objects = conversations = 0

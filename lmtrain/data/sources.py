@@ -247,6 +247,33 @@ def read_parquet_records(path: str, stats: ReadStats, columns: list[str] | None 
             row += 1
 
 
+HELD_OUT_SPLITS = ("validation", "test")
+
+
+def held_out_split(name: str) -> str:
+    """The split --validation_files reads of a hub dataset (`name` or `name:config`) or a save_to_disk
+    directory: its validation or test split. Never train: the held-out figures would be training pairs'."""
+    if os.path.isdir(name):
+        index = os.path.join(name, "dataset_dict.json")
+        if not os.path.exists(index):
+            return "train"  # one saved Dataset, not a DatasetDict: all of it is what was given
+        with open(index, encoding="utf-8") as handle:
+            splits = json.load(handle)["splits"]
+    else:
+        repo, _, config = name.partition(":")
+        try:
+            import datasets
+
+            splits = datasets.get_dataset_split_names(repo, config or None)
+        except Exception as err:  # offline, unknown name, ...: the same failure load_dataset would meet
+            raise DataError(f"--validation_files {name}: cannot list its splits ({err})") from err
+    for split in HELD_OUT_SPLITS:
+        if split in splits:
+            return split
+    raise DataError(f"--validation_files {name}: no {' or '.join(HELD_OUT_SPLITS)} split (splits: "
+                    f"{', '.join(splits)}); hold pairs out with --validation_split_percentage instead")
+
+
 def read_hub_records(name: str, split: str, stats: ReadStats, required_column: str | None = None
                      ) -> Iterator[tuple[str, dict]]:
     """(where, record) of a hub dataset name (`name` or `name:config`, streamed) or a `save_to_disk`

@@ -45,7 +45,7 @@ def preflight(model_args, training_args, row_length: int | None, row_flag: str, 
     check_output_dir(training_args.output_dir)
     config = model_config(model_args)
     if row_length is not None:
-        what = "the training blocks" if row_flag == "--block_size" else "the SFT samples"
+        what = "the training blocks" if row_flag == "--block_size" else "the training sequences"
         check_positions(row_length, getattr(config, "max_position_embeddings", None), f"{row_flag}: {what}", "Pass",
                         row_flag)
     check_disk_space(training_args, config, use_lora, getattr(model_args, "torch_dtype", None))
