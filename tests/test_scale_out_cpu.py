@@ -229,8 +229,8 @@ DS_STEPS, DS_SAVE = 6, 3
 
 @pytest.fixture(scope="module")
 def deepspeed_runs(inputs):
-    """Side by side: ZeRO-2 uninterrupted (the reference), ZeRO-2 stopped at step 3 (--stop_after_steps), and
-    ZeRO-3 to step 3 with a checkpoint there."""
+    """Side by side: ZeRO-2 and ZeRO-3 uninterrupted (the references), and each stopped at step 3
+    (--stop_after_steps, a checkpoint there); commands[name] continues a stopped run."""
     root, args = inputs
 
     def command(config, out, *extra):
@@ -240,8 +240,9 @@ def deepspeed_runs(inputs):
             "--report_to", "none", "--plot_curves", "false", *extra)]
 
     commands = {"reference": command("zero2.json", "ds-reference"), "resumed": command("zero2.json", "ds-resumed"),
-                "zero3": command("zero3.json", "ds-zero3", "--max_steps", str(DS_SAVE))}
-    first = {**commands, "resumed": commands["resumed"] + ["--stop_after_steps", str(DS_SAVE)]}  # then resumed
+                "zero3-reference": command("zero3.json", "ds-zero3-reference"), "zero3": command("zero3.json", "ds-zero3")}
+    first = {name: argv + (["--stop_after_steps", str(DS_SAVE)] if name in ("resumed", "zero3") else [])
+             for name, argv in commands.items()}
     processes = {name: subprocess.Popen(argv, cwd=REPO, env=clean_environment(), text=True, stdout=subprocess.PIPE,
                                         stderr=subprocess.STDOUT) for name, argv in first.items()}
     for name, process in processes.items():
@@ -300,9 +301,9 @@ def test_zero3_export_through_zero_to_fp32_equals_the_engine_weights_with_tied_e
     checkpoint = root / "ds-zero3" / f"checkpoint-{DS_SAVE}"
     assert read_checkpoint_marker(checkpoint)["zero_stage"] == 3
     exported = Path(convert(["--checkpoint", str(checkpoint), "--to", "hf", "--output_dir", str(tmp_path / "hf")]))
-    # The engine's weights: gathered from the partitions by the engine for the Trainer's final save
-    # (stage3_gather_16bit_weights_on_model_save; fp32 on a CPU) at the checkpoint's step.
-    engine = load_file(root / "ds-zero3" / "model.safetensors")
+    # The engine's weights: gathered from the partitions by the engine for the checkpoint's model.safetensors
+    # (stage3_gather_16bit_weights_on_model_save; fp32 on a CPU).
+    engine = load_file(checkpoint / "model.safetensors")
     model = AutoModelForCausalLM.from_pretrained(exported)
     state = model.state_dict()
     assert model.config.tie_word_embeddings
@@ -313,3 +314,28 @@ def test_zero3_export_through_zero_to_fp32_equals_the_engine_weights_with_tied_e
     initial = AutoModelForCausalLM.from_config(model.config)
     assert any(not torch.equal(state[n], t) for n, t in initial.state_dict().items() if n in state)  # not a fresh init
     assert (exported / "tokenizer.json").is_file()
+
+
+@pytest.mark.slow
+def test_a_zero3_checkpoint_resumes_from_its_universal_copy_with_the_same_weights(deepspeed_runs):
+    """What DeepSpeed 0.19.8 gives for ZeRO-3 (pinned, documented in docs/MULTI_GPU.md): the weights and the
+    consumed-token count come back exactly (the first resumed step's loss is the uninterrupted run's), the
+    following steps differ slightly (ZeRO-3's regular resume is exact: tests/test_resume_matrix.py). Its
+    universal loader gives every parameter group the first group's hyperparameters (stage3.py
+    load_hp_checkpoint_state_from_checkpoint_dir_stage3), which the resume warns about."""
+    from lmtrain.cli.convert_checkpoint import main as convert
+
+    root, commands = deepspeed_runs
+    checkpoint = root / "ds-zero3" / f"checkpoint-{DS_SAVE}"
+    convert(["--checkpoint", str(checkpoint), "--to", "universal", "--workers", "1"])
+    resumed = subprocess.run(commands["zero3"], cwd=REPO, env=clean_environment(), text=True,
+                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, timeout=600)
+    assert resumed.returncode == 0, resumed.stdout[-4000:]
+    assert "ZeRO-3 universal checkpoint" in resumed.stdout and "first parameter group" in resumed.stdout
+    reference, continued = curve(root / "ds-zero3-reference"), curve(root / "ds-zero3")
+    assert sorted(continued) == list(range(1, DS_STEPS + 1))
+    first = DS_SAVE + 1
+    assert continued[first][0] == pytest.approx(reference[first][0], rel=1e-6)  # the weights came back
+    for step in range(first, DS_STEPS + 1):
+        assert continued[step][0] == pytest.approx(reference[step][0], rel=1e-4), step  # close, not equal
+        assert continued[step][2:] == reference[step][2:], step  # learning rate, consumed tokens

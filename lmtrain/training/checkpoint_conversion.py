@@ -115,6 +115,12 @@ def check_resume_world(args, checkpoint: str | None):
         if args.process_index == 0:
             logger.info("resuming from the universal checkpoint %s/%s (written by %s process(es), loaded by %d)",
                         checkpoint, universal, saved_world, args.world_size)
+            if zero_stage == 3:
+                logger.warning("%s: a ZeRO-3 universal checkpoint: DeepSpeed (0.19.8) loads every optimizer "
+                               "parameter group with the first parameter group's hyperparameters, so weight decay "
+                               "%s now also applies to norms and biases; the weights and the step come back "
+                               "exactly, the following losses differ slightly (docs/MULTI_GPU.md)", checkpoint,
+                               getattr(args, "weight_decay", "?"))
         return
     if zero_stage and saved_world not in (None, args.world_size):
         raise UserError(
