@@ -152,7 +152,8 @@ def build_quality_corpus(seed: int = 0, english: int = 120, other: int = 60, jun
     rng.shuffle(paragraphs)
     reference = paragraphs[english:]
     records = [{"text": t, "kind": "english", "detail": "en"} for t in paragraphs[:english]]
-    records += [{"text": t, "kind": "other_language", "detail": lang} for lang, t in other_language_documents(other, rng)]
+    records += [{"text": t, "kind": "other_language", "detail": language}
+                for language, t in other_language_documents(other, rng)]
     records += [{"text": t, "kind": "junk", "detail": what} for what, t in junk_documents(junk, rng)]
     rng.shuffle(records)
     return records, reference
