@@ -242,7 +242,8 @@ def main(argv=None):
         "--plot_curves", "false", "--disable_tqdm", "true", "--overwrite_output_dir",
         "--output_dir", str(scratch / "run"), "--peak_tflops", str(options.peak_tflops), *passthrough]
     # Everything of the stage's main runs except the final save (GBs for the larger shapes, not part of a step).
-    stage.save_final_model = lambda trainer, output_dir: None
+    # The module's names are patched for this call only: callers in the same process (tests) keep the real ones.
+    patched = {"save_final_model": lambda trainer, output_dir: None}
     if options.profile_steps:
         report = Path(options.output_json or scratch / "x").with_name(f"profile-{options.label or 'run'}.txt")
         build = stage.build_trainer
@@ -251,8 +252,15 @@ def main(argv=None):
             trainer = build(*args, **kwargs)
             trainer.add_callback(StepProfiler(*options.profile_steps, report))
             return trainer
-        stage.build_trainer = build_profiled
-    trainer, _ = stage.main(argv_stage)
+        patched["build_trainer"] = build_profiled
+    originals = {name: getattr(stage, name) for name in patched}
+    try:
+        for name, value in patched.items():
+            setattr(stage, name, value)
+        trainer, _ = stage.main(argv_stage)
+    finally:
+        for name, value in originals.items():
+            setattr(stage, name, value)
     figures = steady_state(trainer.state.log_history, options.skip_steps)
     config = trainer.model.config
     import torch

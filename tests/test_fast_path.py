@@ -132,6 +132,10 @@ def test_throughput_bench_runs_the_real_path_on_a_cpu(tmp_path):
     assert result["attention"] == "sdpa" and result["liger"] is False
     assert len(result["losses"]) == 4 and all(loss > 0 for loss in result["losses"])
     assert (tmp_path / "r.jsonl").read_text().count("\n") == 1
+    from lmtrain.cli import pretrain
+    from lmtrain.training.trainer import save_final_model
+
+    assert pretrain.save_final_model is save_final_model  # the bench's patch does not outlive its call
 
 
 def test_isolation_check_tells_a_leak_from_rounding():
