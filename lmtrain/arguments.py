@@ -173,6 +173,21 @@ class DataArguments:
         return {"block_size"} if self.dataset_path and "block_size" not in given else set()
 
 
+_tensorboard_dir_set = None  # the TENSORBOARD_LOGGING_DIR this process set, not one the user exported
+
+
+def _point_tensorboard_at(logging_dir: str | None):
+    """--logging_dir reaches transformers' TensorBoard callback through TENSORBOARD_LOGGING_DIR. Set per run,
+    not once per process: a later run in the same process (a notebook, the tests, the child processes it
+    starts) must not write its events into an earlier run's directory."""
+    global _tensorboard_dir_set
+    if logging_dir:
+        os.environ["TENSORBOARD_LOGGING_DIR"] = _tensorboard_dir_set = logging_dir
+    elif _tensorboard_dir_set is not None and os.environ.get("TENSORBOARD_LOGGING_DIR") == _tensorboard_dir_set:
+        del os.environ["TENSORBOARD_LOGGING_DIR"]
+        _tensorboard_dir_set = None
+
+
 @dataclass
 class TrainArguments(TrainingArguments):
     """TrainingArguments with pretraining defaults and the options transformers 5 dropped but scripts use."""
@@ -229,8 +244,7 @@ class TrainArguments(TrainingArguments):
             self.lr_scheduler_kwargs = {"min_lr_rate": self.min_lr_ratio, **(self.lr_scheduler_kwargs or {})}
         if isinstance(self.report_to, str) and "," in self.report_to:
             self.report_to = [name.strip() for name in self.report_to.split(",") if name.strip()]
-        if self.logging_dir:
-            os.environ.setdefault("TENSORBOARD_LOGGING_DIR", self.logging_dir)
+        _point_tensorboard_at(self.logging_dir)
         if self.max_nonfinite_steps < 0:
             raise ValueError(f"--max_nonfinite_steps {self.max_nonfinite_steps}: must be 0 (never stop) or more")
         if self.z_loss_coefficient < 0:

@@ -205,3 +205,11 @@ def load_repo_script(relative_path: str):
     sys.modules[name] = module
     spec.loader.exec_module(module)
     return module
+
+
+@pytest.fixture(autouse=True)
+def no_tensorboard_dir_from_an_earlier_test():
+    """A test run with --logging_dir sets TENSORBOARD_LOGGING_DIR in this process; the child processes a later
+    test starts (torchrun) would inherit it and write their events there. Removed after each test."""
+    yield
+    os.environ.pop("TENSORBOARD_LOGGING_DIR", None)

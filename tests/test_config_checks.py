@@ -166,3 +166,14 @@ def test_unreadable_config_file_is_one_user_error(tmp_path, text, reason):
     path.write_text(text)
     with pytest.raises(UserError, match=f"--config_name {path}: not a model config.*{reason}"):
         resolve_config(str(path))
+
+
+def test_logging_dir_is_set_per_run_not_once_per_process(tmp_path):
+    from lmtrain.arguments import TrainArguments
+
+    TrainArguments(output_dir=str(tmp_path / "a"), report_to="none", logging_dir=str(tmp_path / "a-logs"))
+    assert os.environ["TENSORBOARD_LOGGING_DIR"] == str(tmp_path / "a-logs")
+    TrainArguments(output_dir=str(tmp_path / "b"), report_to="none", logging_dir=str(tmp_path / "b-logs"))
+    assert os.environ["TENSORBOARD_LOGGING_DIR"] == str(tmp_path / "b-logs")  # not the first run's
+    TrainArguments(output_dir=str(tmp_path / "c"), report_to="none")
+    assert "TENSORBOARD_LOGGING_DIR" not in os.environ  # the default (OUTPUT_DIR/runs) again
