@@ -27,10 +27,14 @@ def main(argv):
     import logging, os
     logging.basicConfig(level=logging.INFO)
     dist.init_process_group("gloo")
-    rank = dist.get_rank()
-    training = SimpleNamespace(world_size=dist.get_world_size(), process_index=rank)
-    check_nodes_agree(training, SimpleNamespace(dataset_path=None, train_files=[argv[rank]], validation_files=None))
-    print(f"rank {rank}: nodes agree", flush=True)
+    try:  # torn down before exit: gloo's threads otherwise may abort the interpreter's exit (SIGABRT)
+        rank = dist.get_rank()
+        training = SimpleNamespace(world_size=dist.get_world_size(), process_index=rank)
+        check_nodes_agree(training, SimpleNamespace(dataset_path=None, train_files=[argv[rank]],
+                                                    validation_files=None))
+        print(f"rank {rank}: nodes agree", flush=True)
+    finally:
+        dist.destroy_process_group()
 
 run_entry_point(main, sys.argv[1:])
 '''
