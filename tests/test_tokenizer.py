@@ -145,3 +145,48 @@ def test_tokenizer_with_another_split_rule_is_refused_for_qwen2(gpt2_rule_tokeni
     with pytest.raises(ValueError, match="reloads as Qwen2Tokenizer and tokenizes differently"):
         check_reload_consistency(gpt2_rule, resolve_config("qwen2-tiny"))
     check_reload_consistency(gpt2_rule, resolve_config("llama-1b"))  # llama keeps tokenizer.json as it is
+
+
+def _grouped_corpus(write_jsonl):
+    """Two groups whose words never overlap: 'kept' trains, 'held' holds the only occurrences of one word."""
+    kept = [{"text": f"Scene {i}: the quick brown fox jumps over the lazy dog.", "play": "kept"} for i in range(150)]
+    held = [{"text": "zanzibarquux " * 20, "play": "held"} for _ in range(50)]
+    return write_jsonl(kept + held)
+
+
+def test_train_tokenizer_leaves_the_validation_groups_out(write_jsonl, tmp_path):
+    """--validation_groups (the groups prepare_pretrain.py holds out) are not in the tokenizer's text: a word
+    that only the held-out group has gets no merge, the report counts what was left out; without the option
+    that word is one of the most frequent and becomes a single token."""
+    from conftest import load_repo_script
+
+    script = load_repo_script("data_prep/train_tokenizer.py")
+    path = _grouped_corpus(write_jsonl)
+    common = ["--sources", path, "--vocab_size", "320", "--min_frequency", "2"]
+    script.main(common + ["--output_dir", str(tmp_path / "all")])
+    script.main(common + ["--split_by", "play", "--validation_groups", "held", "--output_dir", str(tmp_path / "clean")])
+
+    every = AutoTokenizer.from_pretrained(str(tmp_path / "all"))
+    clean = AutoTokenizer.from_pretrained(str(tmp_path / "clean"))
+    assert len(every(" zanzibarquux", add_special_tokens=False)["input_ids"]) <= 2
+    assert len(clean(" zanzibarquux", add_special_tokens=False)["input_ids"]) >= 6  # (almost) byte by byte
+    assert len(clean(" quick brown", add_special_tokens=False)["input_ids"]) <= 2  # the kept group was learned
+    held_out = json.loads((tmp_path / "clean" / "sample_report.json").read_text())["held_out"]
+    assert held_out == {"split_by": "play", "validation_groups": ["held"], "documents": 50,
+                        "chars": 50 * len("zanzibarquux " * 20)}
+
+
+@pytest.mark.parametrize("extra, message", [
+    (["--split_by", "play", "--validation_groups", "helld"], "--validation_groups helld: no document has that play"),
+    (["--validation_groups", "held"], "pass --split_by FIELD"),
+])
+def test_train_tokenizer_refuses_validation_groups_it_cannot_hold_out(write_jsonl, tmp_path, extra, message):
+    """A misspelt group (which would leave the held-out text in silently) or no field to group by is an error."""
+    from conftest import load_repo_script
+
+    from lmtrain.errors import UserError
+
+    script = load_repo_script("data_prep/train_tokenizer.py")
+    with pytest.raises(UserError, match=message):
+        script.main(["--sources", _grouped_corpus(write_jsonl), "--vocab_size", "300", *extra,
+                     "--output_dir", str(tmp_path / "tok")])
