@@ -25,6 +25,7 @@ from lmtrain.cli.parsing import parse_arguments
 from lmtrain.data.demo_corpus import ensure_demo_corpus
 from lmtrain.locations import check_output_directory
 
+TASKS = ["add", "next_number", "repeat", "which_play", "follow_up"]
 SYSTEM_PROMPTS = ["You are a helpful assistant.", "Answer briefly.", "You are a scholar of Shakespeare."]
 
 
@@ -32,11 +33,33 @@ SYSTEM_PROMPTS = ["You are a helpful assistant.", "Answer briefly.", "You are a 
 class DemoArguments:
     output_dir: str = field(default="data/sft_demo", metadata={"help": "Where train.jsonl / eval.jsonl go."})
     train_samples: int = field(default=20000, metadata={"help": "Training conversations."})
+    task_weights: list[str] | None = field(default=None, metadata={
+        "help": "TASK=N (a whole number) per task: N training conversations of it for every one of a weight-1 "
+                "task, e.g. --task_weights repeat=2 which_play=3 (unnamed tasks: 1; 0 leaves a task out of "
+                "training). Only train.jsonl changes: eval.jsonl, and so what the accuracy means, stays the same."})
     eval_per_task: int = field(default=50, metadata={"help": "Held-out prompts per task."})
     seed: int = field(default=0, metadata={"help": "Random seed."})
     preference_pairs: int = field(default=2000, metadata={
         "help": "Training preference pairs (preference_train.jsonl); 0: none. Drawn after the SFT data, with "
                 "their own random stream, so train.jsonl / eval.jsonl do not depend on this."})
+
+    def __post_init__(self):
+        self.task_cycle = training_task_cycle(self.task_weights)
+
+
+def training_task_cycle(task_weights: list[str] | None) -> list[str]:
+    """The order training conversations cycle through the tasks: each task as often as its weight (default:
+    TASKS once each, the order train.jsonl has always had)."""
+    weights = dict.fromkeys(TASKS, 1)
+    for item in task_weights or []:
+        task, _, value = item.partition("=")
+        if task not in weights or not value.strip().isdigit():
+            raise ValueError(f"--task_weights {item}: give TASK=N with N a whole number >= 0, TASK one of "
+                             f"{', '.join(TASKS)}")
+        weights[task] = int(value)
+    if not any(weights.values()):
+        raise ValueError("--task_weights: every weight is 0, so there is nothing to train on")
+    return [task for task in TASKS for _ in range(weights[task])]
 
 
 def play_lines(min_chars: int = 30, max_chars: int = 70) -> dict[str, list[str]]:
@@ -74,9 +97,6 @@ def make_task(task: str, rng: random.Random, plays: dict[str, list[str]]) -> tup
         return [{"role": "user", "content": f"What is {a} + {b}?"}, {"role": "assistant", "content": str(a + b)},
                 {"role": "user", "content": f"And plus {c}?"}], str(a + b + c)
     raise ValueError(task)
-
-
-TASKS = ["add", "next_number", "repeat", "which_play", "follow_up"]
 
 
 def wrong_answer(task: str, answer: str, rng: random.Random, plays: dict[str, list[str]]) -> str:
@@ -146,7 +166,7 @@ def main(argv=None):
     written = 0
     with open(out / "train.jsonl", "w", encoding="utf-8") as handle:
         while written < args.train_samples:
-            task = TASKS[written % len(TASKS)]
+            task = args.task_cycle[written % len(args.task_cycle)]
             messages, answer = make_task(task, rng, plays)
             if json.dumps(messages) in eval_prompts:
                 continue  # held-out prompts never appear in training
