@@ -28,8 +28,39 @@ seed() {  # seed LABEL [seed_recipe.py options...]
   [ -n "$line" ] && echo "{\"label\": \"$label\", \"reference\": $line}" >> "$RESULTS"
 }
 
+# DeepSpeed ZeRO-2 variants for the one-GPU tuning rows (written next to the logs, not shipped).
+ds_variant() {  # ds_variant NAME PYTHON-EXPRESSION-ON-c
+  python - "$LOGS/ds-$1.json" "$2" <<'PY'
+import json, sys
+c = json.load(open("ds_configs/zero2.json"))
+exec(sys.argv[2])
+json.dump(c, open(sys.argv[1], "w"), indent=1)
+PY
+  echo "$LOGS/ds-$1.json"
+}
+
 for phase in $PHASE; do
 case "$phase" in
+tune)  # one-GPU DeepSpeed settings: overlap_comm (nothing to overlap on one GPU), buckets, the overflow check
+  NOOVERLAP=$(ds_variant nooverlap 'c["zero_optimization"]["overlap_comm"] = False')
+  BIG=$(ds_variant nooverlap-big 'c["zero_optimization"].update(overlap_comm=False, reduce_bucket_size=5e8, allgather_bucket_size=5e8)')
+  NOCHECK=$(ds_variant nocheck 'c["zero_optimization"]["overlap_comm"] = False; c["bf16"]["check_grad_overflow"] = False')
+  short=(--steps 20 --skip_steps 8 --logging_steps 4)
+  seed seed-1.5b-bs4-gc --arch 1.5b --bs 4 --gc
+  ours base-1.5b-bs16 --config qwen2.5-1.5b --batch 16 "${short[@]}"
+  ours nooverlap-1.5b-bs16 --config qwen2.5-1.5b --batch 16 "${short[@]}" --deepspeed "$NOOVERLAP"
+  ours nooverlap-big-1.5b-bs16 --config qwen2.5-1.5b --batch 16 "${short[@]}" --deepspeed "$BIG"
+  ours nocheck-1.5b-bs16 --config qwen2.5-1.5b --batch 16 "${short[@]}" --deepspeed "$NOCHECK"
+  ours nooverlap-1.5b-bs24 --config qwen2.5-1.5b --batch 24 "${short[@]}" --deepspeed "$NOOVERLAP"
+  ours nooverlap-1.5b-bs16-ga4 --config qwen2.5-1.5b --batch 16 --accumulation 4 --steps 10 --skip_steps 4 \
+    --logging_steps 2 --deepspeed "$NOOVERLAP"
+  seed seed-0.5b-bs8-gc --arch 0.5b --bs 8 --gc
+  ours base-0.5b-bs32 --config qwen2.5-0.5b --batch 32 "${short[@]}"
+  ours nooverlap-0.5b-bs32 --config qwen2.5-0.5b --batch 32 "${short[@]}" --deepspeed "$NOOVERLAP"
+  ours nooverlap-0.5b-bs32-ga4 --config qwen2.5-0.5b --batch 32 --accumulation 4 --steps 10 --skip_steps 4 \
+    --logging_steps 2 --deepspeed "$NOOVERLAP"
+  ours nooverlap-0.5b-bs48 --config qwen2.5-0.5b --batch 48 "${short[@]}" --deepspeed "$NOOVERLAP"
+  ;;
 profile)
   ours profile-1.5b-bs16 --config qwen2.5-1.5b --batch 16 --steps 20 --profile_steps 12 16
   head -1 "$LOGS/profile-profile-1.5b-bs16.txt"
@@ -83,6 +114,23 @@ sft)
   ours sft-padded --stage sft --config qwen2.5-0.5b --seq 2048 --batch 8 --steps 30 --packing false
   ours sft-padding-free --stage sft --config qwen2.5-0.5b --seq 2048 --batch 8 --steps 30 --packing false --padding_free true
   ours sft-packed --stage sft --config qwen2.5-0.5b --seq 2048 --batch 8 --steps 30
+  ;;
+memory2)  # the largest Qwen2.5-family shape per strategy on one H200 (plan.py predicts 7B does not fit ZeRO-2/3)
+  Q3B=hidden_size=2048,intermediate_size=11008,num_hidden_layers=36,num_attention_heads=16,num_key_value_heads=2,vocab_size=151936
+  Q7B=hidden_size=3584,intermediate_size=18944,num_hidden_layers=28,num_attention_heads=28,num_key_value_heads=4,tie_word_embeddings=false,vocab_size=152064
+  mem=(--config qwen2.5-1.5b --vocab 0 --batch 1 --steps 6 --skip_steps 2 --logging_steps 1 --gradient_checkpointing)
+  ours mem-qwen2.5-7b-zero2 "${mem[@]}" --config_overrides "$Q7B" --deepspeed ds_configs/zero2.json
+  ours mem-qwen2.5-3b-zero2 "${mem[@]}" --config_overrides "$Q3B" --deepspeed ds_configs/zero2.json
+  ours mem-qwen2.5-7b-zero3_offload "${mem[@]}" --config_overrides "$Q7B" --deepspeed ds_configs/zero3_offload.json
+  ours mem-qwen2.5-7b-zero3 "${mem[@]}" --config_overrides "$Q7B" --deepspeed ds_configs/zero3.json
+  ours mem-qwen2.5-3b-zero3 "${mem[@]}" --config_overrides "$Q3B" --deepspeed ds_configs/zero3.json
+  ours compile-1.5b-bs16 --config qwen2.5-1.5b --batch 16 --steps 20 --skip_steps 8 --logging_steps 4 --torch_compile
+  ;;
+memory3)  # the two rows memory2 could not finish: 7B ZeRO-2 (the disk check refused it), 7B ZeRO-3 + offload
+  Q7B=hidden_size=3584,intermediate_size=18944,num_hidden_layers=28,num_attention_heads=28,num_key_value_heads=4,tie_word_embeddings=false,vocab_size=152064
+  mem=(--config qwen2.5-1.5b --vocab 0 --batch 1 --steps 5 --skip_steps 2 --logging_steps 1 --gradient_checkpointing)
+  LIMIT=100 ours mem-qwen2.5-7b-zero2 "${mem[@]}" --config_overrides "$Q7B" --deepspeed ds_configs/zero2.json
+  LIMIT=190 ours mem-qwen2.5-7b-zero3_offload "${mem[@]}" --config_overrides "$Q7B" --deepspeed ds_configs/zero3_offload.json
   ;;
 memory)  # the largest shapes per strategy: llama-7b (6.7B) under each; a 13B LLaMA shape with offload
   LLAMA13B=hidden_size=5120,intermediate_size=13824,num_hidden_layers=40,num_attention_heads=40,num_key_value_heads=40,vocab_size=32000

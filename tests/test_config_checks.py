@@ -177,3 +177,31 @@ def test_logging_dir_is_set_per_run_not_once_per_process(tmp_path):
     assert os.environ["TENSORBOARD_LOGGING_DIR"] == str(tmp_path / "b-logs")  # not the first run's
     TrainArguments(output_dir=str(tmp_path / "c"), report_to="none")
     assert "TENSORBOARD_LOGGING_DIR" not in os.environ  # the default (OUTPUT_DIR/runs) again
+
+
+def test_disk_check_without_checkpoints_needs_room_for_the_final_model_only(tmp_path, monkeypatch):
+    """--save_strategy no saves no optimizer state (only the final weights, or a SIGTERM checkpoint): a disk
+    with room for the weights but not for a checkpoint trains, with a warning; one without room for the
+    weights is refused."""
+    from transformers import AutoModelForCausalLM
+
+    from lmtrain.arguments import TrainArguments
+    from lmtrain.model.config import resolve_config
+
+    config = resolve_config("qwen2-tiny", TINY)
+    parameters = sum(p.numel() for p in AutoModelForCausalLM.from_config(config).parameters())
+    args = TrainArguments(output_dir=str(tmp_path), report_to="none", save_strategy="no")
+    usage = SimpleNamespace(total=10**12, used=0, free=4 * parameters + 1)  # fp32 weights fit, a checkpoint not
+    monkeypatch.setattr(preflight.shutil, "disk_usage", lambda path: usage)
+    records = []
+    handler = logging.Handler(level=logging.WARNING)
+    handler.emit = lambda record: records.append(record.getMessage())
+    logging.getLogger("lmtrain").addHandler(handler)
+    try:
+        preflight.check_disk_space(args, config)
+    finally:
+        logging.getLogger("lmtrain").removeHandler(handler)
+    assert any("not for the checkpoint a SIGTERM would save" in line for line in records)
+    usage.free = 4 * parameters - 1
+    with pytest.raises(UserError, match="the final model needs about"):
+        preflight.check_disk_space(args, config)

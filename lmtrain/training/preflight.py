@@ -162,6 +162,17 @@ def check_disk_space(args, config, use_lora: bool = False, torch_dtype: str | No
     needed = checkpoint_bytes(args, parameters, use_lora, torch_dtype)
     free = shutil.disk_usage(args.output_dir).free
     size = f"about {_readable(needed)} per checkpoint (weights and optimizer state)"
+    if str(args.save_strategy) in ("no", "SaveStrategy.NO"):
+        # No periodic checkpoints: only the final model (weights alone) must fit. A SIGTERM still saves a
+        # full checkpoint, so a disk too small for one is a warning, not a refusal.
+        final = parameters * (2 if (args.bf16 or args.fp16 or torch_dtype in ("bfloat16", "float16")) else 4)
+        if free < final:
+            raise UserError(f"--output_dir {args.output_dir}: {_readable(free)} free on its disk and the final model "
+                            f"needs about {_readable(final)}. Free space, or pick an --output_dir on a larger disk")
+        if free < needed:
+            logger.warning("--output_dir %s: %s free: room for the final model, not for the checkpoint a SIGTERM "
+                           "would save (%s)", args.output_dir, _readable(free), size)
+        return
     if free < needed:
         raise UserError(f"--output_dir {args.output_dir}: {_readable(free)} free on its disk and one checkpoint "
                         f"needs {size}. Free space, or pick an --output_dir on a larger disk")

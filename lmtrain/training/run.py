@@ -8,6 +8,7 @@ from dataclasses import dataclass
 from transformers import set_seed
 
 from lmtrain.cli.parsing import save_resolved_config
+from lmtrain.distributed import single_process_deepspeed
 from lmtrain.preflight_nodes import check_nodes_agree
 from lmtrain.training.checkpoints import completed_run, mark_run_complete, resolve_resume
 from lmtrain.training.preflight import preflight
@@ -35,6 +36,7 @@ def start_run(model_args, training_args, row_length: int | None, row_flag: str, 
     if finished is not None:
         return RunStart(finished.get("metrics", {}), None)
     preflight(model_args, training_args, row_length, row_flag, use_lora=use_lora)
+    single_process_deepspeed(training_args)
     check_nodes_agree(training_args, option_groups.get("data"))  # every node: the same code, data and GPUs
     resume_from = resolve_resume(training_args)
     set_seed(training_args.seed)
