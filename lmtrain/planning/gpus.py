@@ -124,6 +124,10 @@ _H200_FAST = dict(vocab_size=151936, seq_length=2048, gradient_checkpointing=Fal
                   attention_mask=False, repeat_kv=True, fused_adam=False, liger=True)
 _H200_SEED = dict(vocab_size=151936, seq_length=2048, gradient_checkpointing=True, strategy="zero2", num_gpus=1,
                   attention_mask=False, fused_adam=True, liger=False)
+H200_MEMORY = "docs/gpu_logs/h200-2026-12-02b/call-memory-results.jsonl (2026-12-02, one H200 141 GB, torch 2.11)"
+_Q3B = "hidden_size=2048,intermediate_size=11008,num_hidden_layers=36,num_attention_heads=16,num_key_value_heads=2"
+_Q7B = ("hidden_size=3584,intermediate_size=18944,num_hidden_layers=28,num_attention_heads=28,num_key_value_heads=4,"
+        "tie_word_embeddings=false")
 MEASURED_RUNS = (
     # Steps 20-30 of the ZeRO-2 run: 50.4k-52.3k tokens/s, the midpoint here.
     MeasuredRun("H100", "lmtrain", vocab_size=32000, micro_batch=8, gradient_checkpointing=True, strategy="zero2",
@@ -175,6 +179,16 @@ MEASURED_RUNS = (
     # SFT packed into rows of 2048 (sft.py): tokens/s counts non-padding tokens only, so no default MFU.
     MeasuredRun("H200", "lmtrain", "qwen2.5-0.5b", micro_batch=8, tokens_per_second=63137, peak_memory_gib=23.65,
                 source=H200_CALL2 + ", sft-packed", mfu_reference=False, **_H200_FAST),
+    # Memory rows (bench/gpu_perf.sh PHASE=memory2): micro-batch 1 with checkpointing, so their MFU says little.
+    MeasuredRun("H200", "lmtrain", "qwen2.5-1.5b", micro_batch=1, tokens_per_second=3140, peak_memory_gib=63.3,
+                source=H200_MEMORY + ", mem-qwen2.5-3b-zero2", config_overrides=_Q3B, mfu_reference=False,
+                **{**_H200_FAST, "gradient_checkpointing": True}),
+    MeasuredRun("H200", "lmtrain", "qwen2.5-1.5b", micro_batch=1, tokens_per_second=1691, peak_memory_gib=51.67,
+                source=H200_MEMORY + ", mem-qwen2.5-3b-zero3", config_overrides=_Q3B, mfu_reference=False,
+                **{**_H200_FAST, "gradient_checkpointing": True, "strategy": "zero3"}),
+    MeasuredRun("H200", "lmtrain", "qwen2.5-1.5b", micro_batch=1, tokens_per_second=2017, peak_memory_gib=119.34,
+                source=H200_MEMORY + ", mem-qwen2.5-7b-zero3", config_overrides=_Q7B, mfu_reference=False,
+                **{**_H200_FAST, "gradient_checkpointing": True, "strategy": "zero3", "vocab_size": 152064}),
     MeasuredRun("H200", "seed", "qwen2.5-1.5b", micro_batch=4, tokens_per_second=22562, peak_memory_gib=34.9,
                 source=H200_CALL1 + ", seed-1.5b-bs4-gc (reference)", **_H200_SEED),
     MeasuredRun("H200", "seed", "qwen2.5-0.5b", micro_batch=8, tokens_per_second=49160, peak_memory_gib=35.1,

@@ -18,7 +18,9 @@ def describe(run: MeasuredRun) -> str:
         options.append("Liger")
     if run.num_gpus > 1:
         options.append(f"{run.num_gpus} GPUs")
-    return f"{run.gpu} {run.recipe} {run.config} (vocab {run.vocab_size:,}), {', '.join(options)}"
+    name = run.config if not run.config_overrides else \
+        f"{run.config} reshaped to {run.shape().parameters() / 1e9:.2f}B parameters"
+    return f"{run.gpu} {run.recipe} {name} (vocab {run.vocab_size:,}), {', '.join(options)}"
 
 
 def memory_rows() -> list[tuple[MeasuredRun, float]]:
