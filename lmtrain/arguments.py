@@ -271,6 +271,7 @@ class TrainArguments(TrainingArguments):
             # Its kernels are Triton GPU kernels; without them the model's own layers run (same results).
             logger.info("Liger kernels off: they need a CUDA GPU and the liger-kernel package")
             self.use_liger_kernel = False
+        liger_off_under_compile(self)
         if self.bf16 and not self.use_cpu and not self.deepspeed and not torch.cuda.is_available():
             # PyTorch runs bf16 autocast on CPUs, but transformers refuses --bf16 there unless told use_cpu.
             logger.info("--bf16 without a GPU: training in bf16 on the CPU (use_cpu)")
@@ -281,6 +282,15 @@ class TrainArguments(TrainingArguments):
             self.use_cpu = True
             init_cpu_process_group(self.ddp_timeout)
         super().__post_init__()
+
+
+def liger_off_under_compile(args):
+    """torch.compile traced Liger's Triton kernels wrongly on torch 2.11 + liger-kernel 0.8.5: NaN from the first
+    step (docs/PERFORMANCE.md, one H200). A run asking for --torch_compile gets the model's own layers instead."""
+    if args.torch_compile and args.use_liger_kernel:
+        logger.warning("--torch_compile: Liger kernels off (compiled together they gave NaN losses from the first "
+                       "step on torch 2.11 + liger-kernel 0.8.5; docs/PERFORMANCE.md)")
+        args.use_liger_kernel = False
 
 
 @dataclass

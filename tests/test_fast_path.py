@@ -160,3 +160,18 @@ def test_training_losses_with_varlen_equal_sdpa(monkeypatch, tiny_tokenizer_dir,
         losses[name] = [row["loss"] for row in trainer.state.log_history if "loss" in row]
     assert len(losses["sdpa"]) == 6
     assert losses["varlen"] == pytest.approx(losses["sdpa"], rel=1e-4)
+
+
+def test_torch_compile_turns_liger_off():
+    """Compiled together they gave NaN from the first step on the H200 (docs/PERFORMANCE.md): a run that asks for
+    torch.compile trains with the model's own layers, and a run without compile keeps Liger."""
+    from types import SimpleNamespace
+
+    from lmtrain.arguments import liger_off_under_compile
+
+    compiled = SimpleNamespace(torch_compile=True, use_liger_kernel=True)
+    liger_off_under_compile(compiled)
+    assert compiled.use_liger_kernel is False
+    eager = SimpleNamespace(torch_compile=False, use_liger_kernel=True)
+    liger_off_under_compile(eager)
+    assert eager.use_liger_kernel is True
