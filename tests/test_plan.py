@@ -232,7 +232,12 @@ def test_plan_writes_json_and_its_figures_agree(tmp_path, capsys):
     assert time["tokens_per_second_per_gpu"] == pytest.approx(expected, rel=1e-3)
     assert time["cost"] == pytest.approx(2 * time["gpu_hours"])
     assert time["gpu_hours"] == pytest.approx(1e10 / time["tokens_per_second_per_gpu"] / 3600, rel=1e-3)
-    assert "largest micro-batch" in capsys.readouterr().out
+    printed = capsys.readouterr().out
+    assert "largest micro-batch" in printed
+    # ZeRO-3 offload's host memory, shown beside the GPU table: 20 bytes per parameter over 8 processes
+    host = memory["strategies"]["zero3_offload"]["cpu_memory_gib_per_process"]
+    assert host == pytest.approx(20 * 494_032_768 / 8 / GIB, abs=0.01)
+    assert f"zero3_offload also needs {host:,.2f} GiB of host RAM per process" in printed
     with_liger = main(["--config_name", "qwen2.5-0.5b", "--block_size", "2048", "--bf16", "--output_dir",
                        str(tmp_path)])
     unfused = plan["memory"]["strategies"]["none"]["terms_gib"]["logits"]  # 12 bytes x vocabulary per token

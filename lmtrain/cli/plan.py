@@ -312,6 +312,10 @@ def summary(plan: dict, setup: TrainingSetup) -> str:
         mark = "*" if name == memory["run_strategy"] else " "
         lines.append(f" {mark}{name:<14}" + "".join(f"{v:>12.2f}" for v in est["terms_gib"].values())
                      + f"{est['total_gib']:>9.2f}  {est['peak_moment']:<19}{est['largest_micro_batch']}")
+    offload = memory["strategies"].get("zero3_offload", {}).get("cpu_memory_gib_per_process")
+    if offload:
+        lines.append(f"  zero3_offload also needs {offload:,.2f} GiB of host RAM per process (fp32 master weights, Adam's "
+                     "moments, bf16 parameters and gradients; a 7.6B shape ran a 125 GiB host out of memory)")
     lines.append("  largest micro-batch, run strategy: " + ", ".join(
         f"{kind} {batch}" for kind, batch in memory["largest_micro_batch_by_gpu"].items()))
     if "skipped" in time:
