@@ -4,7 +4,9 @@
 # Run on the GPU machine from the repository root, carrying .whl:
 #   PHASE=speed LOGS=$OUT bash bench/gpu_perf.sh
 # PHASE: speed (the headline rows), candidates (one optimization at a time), loss (fast vs plain path over
-# 200 steps), sft (packed vs padded), memory (largest shapes per ZeRO stage). A device command has 10 minutes.
+# 200 steps), sft (packed vs padded), tune / tune2 (one-GPU DeepSpeed settings), memory2 / memory3 (largest
+# Qwen2.5 shapes per ZeRO stage). A device command has 10 minutes: results.jsonl and a tarball of the logs
+# under $OUT (a call brings back only a few files), and carry .whl.
 source .whl/setup.sh   # before `set -u`: its install pipeline may match nothing
 set -uo pipefail       # not -e: one failed row must not lose the others
 LOGS=${LOGS:-/tmp/gpu-logs}
@@ -114,6 +116,20 @@ sft)
   ours sft-padded --stage sft --config qwen2.5-0.5b --seq 2048 --batch 8 --steps 30 --packing false
   ours sft-padding-free --stage sft --config qwen2.5-0.5b --seq 2048 --batch 8 --steps 30 --packing false --padding_free true
   ours sft-packed --stage sft --config qwen2.5-0.5b --seq 2048 --batch 8 --steps 30
+  ;;
+tune2)  # prepared, not run yet: where the per-micro-batch ~0.12 s of ZeRO-2 goes (lmtrain already turns overlap_comm
+  # off with one process); contiguous_gradients and reduce_scatter copy/reduce every gradient with nothing to reduce
+  NOCONTIG=$(ds_variant nocontig 'c["zero_optimization"]["contiguous_gradients"] = False')
+  NOSCATTER=$(ds_variant noscatter 'c["zero_optimization"]["reduce_scatter"] = False')
+  short=(--steps 20 --skip_steps 8 --logging_steps 4)
+  seed seed-1.5b-bs4-gc --arch 1.5b --bs 4 --gc
+  ours tuned-1.5b-bs16 --config qwen2.5-1.5b --batch 16 "${short[@]}"
+  ours nocontig-1.5b-bs16 --config qwen2.5-1.5b --batch 16 "${short[@]}" --deepspeed "$NOCONTIG"
+  ours noscatter-1.5b-bs16 --config qwen2.5-1.5b --batch 16 "${short[@]}" --deepspeed "$NOSCATTER"
+  ours profile-tuned-1.5b-bs16 --config qwen2.5-1.5b --batch 16 --steps 20 --profile_steps 12 16
+  seed seed-0.5b-bs8-gc --arch 0.5b --bs 8 --gc
+  ours tuned-0.5b-bs32-ga4 --config qwen2.5-0.5b --batch 32 --accumulation 4 --steps 10 --skip_steps 4 --logging_steps 2
+  ours tuned-0.5b-bs48 --config qwen2.5-0.5b --batch 48 "${short[@]}"
   ;;
 memory2)  # the largest Qwen2.5-family shape per strategy on one H200 (plan.py predicts 7B does not fit ZeRO-2/3)
   Q3B=hidden_size=2048,intermediate_size=11008,num_hidden_layers=36,num_attention_heads=16,num_key_value_heads=2,vocab_size=151936
