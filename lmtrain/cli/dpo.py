@@ -32,7 +32,7 @@ from lmtrain.cli.parsing import parse_arguments
 from lmtrain.data.loading import load_training_data
 from lmtrain.errors import UserError
 from lmtrain.model.building import build_model
-from lmtrain.model.lora import apply_lora, save_lora_model
+from lmtrain.model.lora import apply_lora, final_save
 from lmtrain.tokenizer import load_tokenizer
 from lmtrain.training.preference import build_preference_trainer, build_reference_model
 from lmtrain.training.run import start_run, train_and_finish
@@ -74,11 +74,6 @@ def main(argv=None):
 
     trainer = build_preference_trainer(model, reference, tokenizer, training_args, data.train, data.validation)
     evaluate = data.validation is not None and training_args.eval_strategy != "no"
-    if lora_args.use_lora:
-        def save_final():
-            save_lora_model(trainer, training_args.output_dir, merge=lora_args.merge_lora)
-    else:
-        def save_final():
-            save_final_model(trainer, training_args.output_dir)
+    save_final = final_save(trainer, training_args.output_dir, lora_args, save_final_model)
     metrics = train_and_finish(trainer, run.resume_from, evaluate, save_final)
     return trainer, metrics

@@ -25,6 +25,14 @@ def apply_lora(model, args):
     return model
 
 
+def final_save(trainer, output_dir: str, lora_args, save_full):
+    """The end-of-run save of a stage that may train LoRA (sft.py, dpo.py): the adapter, merged into a plain
+    model with --merge_lora, or without LoRA save_full(trainer, output_dir) (the stage's own full save)."""
+    if lora_args.use_lora:
+        return lambda: save_lora_model(trainer, output_dir, merge=lora_args.merge_lora)
+    return lambda: save_full(trainer, output_dir)
+
+
 def save_lora_model(trainer, output_dir: str, merge: bool = True):
     """The adapter to output_dir/adapter; with merge, the merged weights as a plain HF model in output_dir.
 
