@@ -264,12 +264,17 @@ class TrainArguments(TrainingArguments):
             self.metric_for_best_model, self.greater_is_better = "eval_loss", False
         import torch
 
+        # Decided by this machine: the resolved config records the values as given, so replaying it on a GPU
+        # machine gets the GPU's choices, not the CPU's.
+        self._as_given = {}
         if self.dataloader_num_workers == -1:
+            self._as_given["dataloader_num_workers"] = -1
             self.dataloader_num_workers = 2 if torch.cuda.is_available() and not self.use_cpu else 0
         if self.use_liger_kernel and not (torch.cuda.is_available() and not self.use_cpu
                                           and importlib.util.find_spec("liger_kernel")):
             # Its kernels are Triton GPU kernels; without them the model's own layers run (same results).
             logger.info("Liger kernels off: they need a CUDA GPU and the liger-kernel package")
+            self._as_given["use_liger_kernel"] = True
             self.use_liger_kernel = False
         liger_off_under_compile(self)
         if self.bf16 and not self.use_cpu and not self.deepspeed and not torch.cuda.is_available():
@@ -282,6 +287,11 @@ class TrainArguments(TrainingArguments):
             self.use_cpu = True
             init_cpu_process_group(self.ddp_timeout)
         super().__post_init__()
+
+    def values_as_given(self) -> dict:
+        """The options this machine decided (-1 workers, Liger without a GPU), as given: what the resolved
+        config records, so that replaying it elsewhere decides them again."""
+        return dict(getattr(self, "_as_given", {}))
 
 
 def liger_off_under_compile(args):

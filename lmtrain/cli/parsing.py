@@ -238,6 +238,7 @@ def save_resolved_config(output_dir: str, **groups) -> str:
     resolved = {}
     for name, group in groups.items():
         values = json.loads(group.to_json_string()) if hasattr(group, "to_json_string") else asdict(group)
+        values.update(getattr(group, "values_as_given", dict)())  # machine-decided values: as given
         for key in getattr(group, "options_not_recorded", lambda: ())():
             values.pop(key, None)  # decided elsewhere (e.g. by the prepared data), or not applying to this run
         for key in [k for k in values if k.endswith("_token")]:
