@@ -48,6 +48,22 @@ def demo_texts(demo_corpus_path) -> list[str]:
 
 
 @pytest.fixture(scope="session")
+def eight_scenes(tmp_path_factory):
+    """(corpus, tokenizer directory): the demo corpus's first 8 scenes as jsonl and a 512-token BPE trained on
+    them. For the multi-process tests, whose workers must all read the same small inputs."""
+    from lmtrain.data.demo_corpus import ensure_demo_corpus
+    from lmtrain.tokenizer import train_bpe_tokenizer
+
+    root = tmp_path_factory.mktemp("eight_scenes")
+    lines = ensure_demo_corpus().read_text(encoding="utf-8").splitlines()[:8]
+    corpus = root / "plays.jsonl"
+    corpus.write_text("\n".join(lines) + "\n", encoding="utf-8")
+    train_bpe_tokenizer([json.loads(line)["text"] for line in lines], vocab_size=512,
+                        show_progress=False).save_pretrained(root / "tokenizer")
+    return corpus, root / "tokenizer"
+
+
+@pytest.fixture(scope="session")
 def tiny_tokenizer_dir(tmp_path_factory, demo_texts):
     """Directory of a saved 1,024-token byte-level BPE (ChatML tokens and template, dedicated pad token)."""
     from lmtrain.tokenizer import sample_texts, train_bpe_tokenizer

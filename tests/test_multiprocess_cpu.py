@@ -15,8 +15,6 @@ from pathlib import Path
 
 import pytest
 
-from lmtrain.data.demo_corpus import ensure_demo_corpus
-from lmtrain.tokenizer import train_bpe_tokenizer
 
 REPO = Path(__file__).resolve().parents[1]
 TINY = "hidden_size=32,intermediate_size=64,num_hidden_layers=2,num_attention_heads=2,num_key_value_heads=1"
@@ -47,18 +45,13 @@ run_entry_point(main)
 
 
 @pytest.fixture(scope="module")
-def setup(tmp_path_factory):
+def setup(tmp_path_factory, eight_scenes):
     root = tmp_path_factory.mktemp("multiprocess")
-    lines = ensure_demo_corpus().read_text(encoding="utf-8").splitlines()[:8]
-    corpus = root / "plays.jsonl"
-    corpus.write_text("\n".join(lines) + "\n", encoding="utf-8")
-    tokenizer = train_bpe_tokenizer([json.loads(line)["text"] for line in lines], vocab_size=512,
-                                    show_progress=False)
-    tokenizer.save_pretrained(root / "tokenizer")
+    corpus, tokenizer_dir = eight_scenes
     (root / "worker.py").write_text(WORKER)
 
     def args(out, *extra):
-        return ["--tokenizer_name", str(root / "tokenizer"), "--train_files", str(corpus), "--block_size", "32",
+        return ["--tokenizer_name", str(tokenizer_dir), "--train_files", str(corpus), "--block_size", "32",
                 "--config_name", "qwen2-tiny", "--config_overrides", TINY, "--validation_split_percentage", "0",
                 "--learning_rate", "3e-3", "--warmup_steps", "2", "--logging_steps", "1", "--report_to", "none",
                 "--seed", "7", "--dataloader_num_workers", "0", "--disable_tqdm", "true", "--plot_curves", "false",

@@ -26,8 +26,6 @@ from types import SimpleNamespace
 
 import pytest
 
-from lmtrain.data.demo_corpus import ensure_demo_corpus
-from lmtrain.tokenizer import train_bpe_tokenizer
 
 REPO = Path(__file__).resolve().parents[1]
 PROBE = Path(__file__).resolve().parent / "scale_out_probe.py"
@@ -47,17 +45,12 @@ def clean_environment(**extra) -> dict:
 
 
 @pytest.fixture(scope="module")
-def inputs(tmp_path_factory):
+def inputs(tmp_path_factory, eight_scenes):
     root = tmp_path_factory.mktemp("scale-out")
-    lines = ensure_demo_corpus().read_text(encoding="utf-8").splitlines()[:8]
-    corpus = root / "plays.jsonl"
-    corpus.write_text("\n".join(lines) + "\n", encoding="utf-8")
-    tokenizer = train_bpe_tokenizer([json.loads(line)["text"] for line in lines], vocab_size=512,
-                                    show_progress=False)
-    tokenizer.save_pretrained(root / "tokenizer")
+    corpus, tokenizer_dir = eight_scenes
 
     def args(out, *extra):
-        return ["--tokenizer_name", str(root / "tokenizer"), "--train_files", str(corpus), "--block_size", "32",
+        return ["--tokenizer_name", str(tokenizer_dir), "--train_files", str(corpus), "--block_size", "32",
                 "--config_name", "qwen2-tiny", "--config_overrides", TINY, "--learning_rate", "3e-3",
                 "--warmup_steps", "2", "--logging_steps", "1", "--seed", "7", "--dataloader_num_workers", "0",
                 "--disable_tqdm", "true", "--prepared_cache_dir", str(root / "cache"), "--output_dir", str(out),
