@@ -15,8 +15,8 @@ export PYTHONUNBUFFERED=1
 OUT=${OUT:-outputs/demo}
 PYTHON=${PYTHON:-python}
 
-# The plays held out of everything the model learns from (tokenizer, pretraining): whole plays, both editions
-# (docs/DEMO.md), so the held-out bits per byte are measured on text the model never saw.
+# The plays held out of the tokenizer and of pretraining: whole plays, both editions (docs/DEMO.md), so the
+# held-out bits per byte are measured on text the pretrained model never saw.
 HELD_OUT=${HELD_OUT:-macbeth}
 if $PYTHON -c "import torch, sys; sys.exit(0 if torch.cuda.is_available() else 1)" 2>/dev/null; then
   NGPU=${NGPU:-$($PYTHON -c "import torch; print(torch.cuda.device_count())")}
