@@ -1,6 +1,8 @@
 """Generate the SFT demo data: chat tasks whose answers can be checked exactly.
 
     python data_prep/make_sft_demo.py --output_dir data/sft_demo
+    python data_prep/make_sft_demo.py --train_samples 40000 --output_dir data/sft_demo     # scripts/demo.sh on a CPU
+    python data_prep/make_sft_demo.py --task_weights which_play=3 repeat=2 --output_dir data/sft_mix  # another mix
 
 Tasks: addition, the next number, repeating a phrase, naming the play a quoted line comes from (lines from
 the built-in Shakespeare corpus), and two-turn follow-ups ("And plus 7?"). Some samples carry a system
