@@ -3,7 +3,7 @@
 #   tokenizer -> prepared data -> pretrain a tiny Qwen2 -> sample text -> SFT on generated chat tasks
 #   -> exact-match accuracy before and after SFT, bits per byte on held-out text, chat samples
 #   -> preference tuning (DPO + the chosen reply's NLL) on right-vs-wrong answer pairs, exact match before/after
-# CPU: a ~1M-parameter model, a few minutes on 2 cores. GPU: bf16 + DeepSpeed ZeRO-2, a larger model.
+# CPU: a 0.9M-parameter model, 8.5 minutes on 2 cores (docs/DEMO.md). GPU: bf16 + DeepSpeed ZeRO-2, a larger model.
 #
 #   bash scripts/demo.sh                      # everything under outputs/demo
 #   DEMO_STEPS=200 bash scripts/demo.sh       # shorter
