@@ -150,37 +150,46 @@ def test_same_seed_same_initial_weights_except_under_zero3(runs):
     assert first["zero3_offload"] != pytest.approx(first["none"], abs=1e-5)
 
 
-def test_one_process_zero2_runs_without_overlap_comm(monkeypatch, tmp_path):
+SPY_ON_OVERLAP = """
+import importlib.util, sys
+from transformers import TrainerCallback
+from lmtrain.cli import pretrain
+
+spec = importlib.util.spec_from_file_location("throughput_bench", "bench/throughput.py")
+bench = importlib.util.module_from_spec(spec)
+spec.loader.exec_module(bench)
+seen, build = {}, pretrain.build_trainer
+
+def spying_build(*args, **kwargs):
+    trainer = build(*args, **kwargs)
+
+    class Spy(TrainerCallback):
+        def on_step_end(self, args, state, control, **_):
+            seen["overlap_comm"] = trainer.model_wrapped.optimizer.overlap_comm
+    trainer.add_callback(Spy())
+    return trainer
+
+pretrain.build_trainer = spying_build
+bench.main(["--config", "qwen2-tiny", "--vocab", "0", "--seq", "64", "--batch", "2", "--steps", "2",
+            "--skip_steps", "0", "--logging_steps", "1", "--deepspeed", "ds_configs/zero2.json",
+            "--workdir", sys.argv[1]])
+print("SEEN", seen)
+"""
+
+
+def test_one_process_zero2_runs_without_overlap_comm(tmp_path):
     """overlap_comm has nothing to overlap in one process and costs device synchronizations: the engine that
     trains must see it off (the config dict accelerate hands DeepSpeed is the one changed), and a multi-process
-    run keeps the config as written."""
-    import importlib.util
+    run keeps the config as written. In a subprocess: DeepSpeed's process group would otherwise hold its port
+    in the test process."""
     from types import SimpleNamespace
 
-    from transformers import TrainerCallback
-
-    from lmtrain.cli import pretrain
     from lmtrain.distributed import single_process_deepspeed
 
-    spec = importlib.util.spec_from_file_location("throughput_bench", REPO / "bench" / "throughput.py")
-    bench = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(bench)
-    seen, build = {}, pretrain.build_trainer
-
-    def spying_build(*args, **kwargs):
-        trainer = build(*args, **kwargs)
-
-        class Spy(TrainerCallback):
-            def on_step_end(self, args, state, control, **_):
-                seen["overlap_comm"] = trainer.model_wrapped.optimizer.overlap_comm
-        trainer.add_callback(Spy())
-        return trainer
-    monkeypatch.setattr(pretrain, "build_trainer", spying_build)
-    monkeypatch.chdir(REPO)
-    bench.main(["--config", "qwen2-tiny", "--vocab", "0", "--seq", "64", "--batch", "2", "--steps", "2",
-                "--skip_steps", "0", "--logging_steps", "1", "--deepspeed", "ds_configs/zero2.json",
-                "--workdir", str(tmp_path)])
-    assert seen == {"overlap_comm": False}
+    out = subprocess.run([sys.executable, "-c", SPY_ON_OVERLAP, str(tmp_path)], cwd=REPO, env=clean_environment(),
+                         capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stdout[-2000:] + out.stderr[-2000:]
+    assert "SEEN {'overlap_comm': False}" in out.stdout
 
     zero = {"stage": 2, "overlap_comm": True}
     single_process_deepspeed(SimpleNamespace(world_size=2, hf_deepspeed_config=SimpleNamespace(
