@@ -140,11 +140,16 @@ def count_parameters_of(config) -> int:
     return sum(p.numel() for p in model.parameters())
 
 
+def weights_bytes(parameters: int, half: bool) -> int:
+    """A saved model's weights alone (a final save, a merged LoRA model)."""
+    return parameters * (2 if half else 4)
+
+
 def checkpoint_bytes(args, parameters: int, use_lora: bool = False, torch_dtype: str | None = None) -> int:
     """The estimate of the module docstring."""
     half = args.bf16 or args.fp16
     if use_lora:
-        return parameters * (2 if torch_dtype in ("bfloat16", "float16") else 4)
+        return weights_bytes(parameters, torch_dtype in ("bfloat16", "float16"))
     if args.deepspeed:
         return parameters * (2 if half else 4) + 12 * parameters
     dtype_bytes = 2 if torch_dtype in ("bfloat16", "float16") else 4
@@ -165,7 +170,7 @@ def check_disk_space(args, config, use_lora: bool = False, torch_dtype: str | No
     if str(args.save_strategy) in ("no", "SaveStrategy.NO"):
         # No periodic checkpoints: only the final model (weights alone) must fit. A SIGTERM still saves a
         # full checkpoint, so a disk too small for one is a warning, not a refusal.
-        final = parameters * (2 if (args.bf16 or args.fp16 or torch_dtype in ("bfloat16", "float16")) else 4)
+        final = weights_bytes(parameters, args.bf16 or args.fp16 or torch_dtype in ("bfloat16", "float16"))
         if free < final:
             raise UserError(f"--output_dir {args.output_dir}: {_readable(free)} free on its disk and the final model "
                             f"needs about {_readable(final)}. Free space, or pick an --output_dir on a larger disk")
