@@ -155,6 +155,16 @@ tune3b)  # the 0.5B rows of tune3
   ours nods-0.5b-bs32-ga4 --config qwen2.5-0.5b --batch 32 "${ga[@]}" --deepspeed ""
   ours zero1-0.5b-bs32-ga4 --config qwen2.5-0.5b --batch 32 "${ga[@]}" --deepspeed "$Z1"
   ;;
+tune4)  # the accumulation rows session 2 could not finish, with their references; compile without Liger last
+  ga=(--accumulation 4 --steps 9 --skip_steps 3 --logging_steps 2)
+  LIMIT=160 seed seed-0.5b-bs8-gc --arch 0.5b --bs 8 --gc   # the first DeepSpeed run JIT-builds FusedAdam
+  ours tuned-0.5b-bs32-ga4 --config qwen2.5-0.5b --batch 32 "${ga[@]}"
+  ours tuned-0.5b-bs48 --config qwen2.5-0.5b --batch 48 --steps 18 --skip_steps 6 --logging_steps 4
+  seed seed-1.5b-bs4-gc --arch 1.5b --bs 4 --gc
+  ours tuned-1.5b-bs16-ga4 --config qwen2.5-1.5b --batch 16 "${ga[@]}"
+  LIMIT=150 ours compile-noliger-1.5b-bs8 --config qwen2.5-1.5b --batch 8 --steps 18 --skip_steps 8 --logging_steps 4 \
+    --torch_compile
+  ;;
 memory2)  # the largest Qwen2.5-family shape per strategy on one H200 (plan.py predicts 7B does not fit ZeRO-2/3)
   Q3B=hidden_size=2048,intermediate_size=11008,num_hidden_layers=36,num_attention_heads=16,num_key_value_heads=2,vocab_size=151936
   Q7B=hidden_size=3584,intermediate_size=18944,num_hidden_layers=28,num_attention_heads=28,num_key_value_heads=4,tie_word_embeddings=false,vocab_size=152064
