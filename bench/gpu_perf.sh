@@ -165,6 +165,14 @@ tune4)  # the accumulation rows session 2 could not finish, with their reference
   LIMIT=150 ours compile-noliger-1.5b-bs8 --config qwen2.5-1.5b --batch 8 --steps 18 --skip_steps 8 --logging_steps 4 \
     --torch_compile
   ;;
+tune5)  # torch.compile without Liger at the large batches (compile + Liger gave NaN; bs8 compile beat Liger bs8)
+  LIMIT=160 seed seed-1.5b-bs4-gc --arch 1.5b --bs 4 --gc
+  LIMIT=170 ours compile-noliger-1.5b-bs16 --config qwen2.5-1.5b --batch 16 --steps 18 --skip_steps 6 --logging_steps 4 \
+    --torch_compile
+  seed seed-0.5b-bs8-gc --arch 0.5b --bs 8 --gc
+  LIMIT=150 ours compile-noliger-0.5b-bs32 --config qwen2.5-0.5b --batch 32 --steps 18 --skip_steps 6 --logging_steps 4 \
+    --torch_compile
+  ;;
 memory2)  # the largest Qwen2.5-family shape per strategy on one H200 (plan.py predicts 7B does not fit ZeRO-2/3)
   Q3B=hidden_size=2048,intermediate_size=11008,num_hidden_layers=36,num_attention_heads=16,num_key_value_heads=2,vocab_size=151936
   Q7B=hidden_size=3584,intermediate_size=18944,num_hidden_layers=28,num_attention_heads=28,num_key_value_heads=4,tie_word_embeddings=false,vocab_size=152064
