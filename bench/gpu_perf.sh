@@ -4,7 +4,7 @@
 # Run on the GPU machine from the repository root, carrying .whl:
 #   PHASE=speed LOGS=$OUT bash bench/gpu_perf.sh
 # PHASE: speed (the headline rows), candidates (one optimization at a time), loss (fast vs plain path over
-# 200 steps), sft (packed vs padded), tune / tune2 / tune3 / tune3b (one-GPU DeepSpeed settings), memory2 / memory3 (largest
+# 200 steps), sft (packed vs padded), tune / tune2 / tune3 / tune4 / tune5 (one-GPU settings), memory2 / memory3 (largest
 # Qwen2.5 shapes per ZeRO stage). A device command has 10 minutes: results.jsonl and a tarball of the logs
 # under $OUT (a call brings back only a few files), and carry .whl.
 source .whl/setup.sh   # before `set -u`: its install pipeline may match nothing
@@ -137,23 +137,12 @@ tune3)  # one process: ZeRO-2's per-micro-batch gradient hooks against ZeRO-1 wi
   NOCONTIG=$(ds_variant nocontig 'c["zero_optimization"]["contiguous_gradients"] = False')
   short=(--steps 18 --skip_steps 6 --logging_steps 4)
   ga=(--accumulation 4 --steps 9 --skip_steps 3 --logging_steps 2)
-  seed seed-1.5b-bs4-gc --arch 1.5b --bs 4 --gc
+  LIMIT=160 seed seed-1.5b-bs4-gc --arch 1.5b --bs 4 --gc   # 100 s ran out in the FusedAdam JIT build
   ours tuned-1.5b-bs16 --config qwen2.5-1.5b --batch 16 "${short[@]}"
   ours nods-1.5b-bs16 --config qwen2.5-1.5b --batch 16 "${short[@]}" --deepspeed ""
   ours zero1-1.5b-bs16 --config qwen2.5-1.5b --batch 16 "${short[@]}" --deepspeed "$Z1"
   ours nods-1.5b-bs16-ga4 --config qwen2.5-1.5b --batch 16 "${ga[@]}" --deepspeed ""
   ours nocontig-1.5b-bs16 --config qwen2.5-1.5b --batch 16 "${short[@]}" --deepspeed "$NOCONTIG"
-  ;;
-tune3b)  # the 0.5B rows of tune3
-  Z1=$(ds_variant zero1 'c["zero_optimization"].update(stage=1, overlap_comm=False, contiguous_gradients=False)')
-  short=(--steps 18 --skip_steps 6 --logging_steps 4)
-  ga=(--accumulation 4 --steps 9 --skip_steps 3 --logging_steps 2)
-  seed seed-0.5b-bs8-gc --arch 0.5b --bs 8 --gc
-  ours tuned-0.5b-bs32 --config qwen2.5-0.5b --batch 32 "${short[@]}"
-  ours nods-0.5b-bs32 --config qwen2.5-0.5b --batch 32 "${short[@]}" --deepspeed ""
-  ours zero1-0.5b-bs32 --config qwen2.5-0.5b --batch 32 "${short[@]}" --deepspeed "$Z1"
-  ours nods-0.5b-bs32-ga4 --config qwen2.5-0.5b --batch 32 "${ga[@]}" --deepspeed ""
-  ours zero1-0.5b-bs32-ga4 --config qwen2.5-0.5b --batch 32 "${ga[@]}" --deepspeed "$Z1"
   ;;
 tune4)  # the accumulation rows session 2 could not finish, with their references; compile without Liger last
   ga=(--accumulation 4 --steps 9 --skip_steps 3 --logging_steps 2)
