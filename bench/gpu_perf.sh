@@ -4,7 +4,7 @@
 # Run on the GPU machine from the repository root, carrying .whl:
 #   PHASE=speed LOGS=$OUT bash bench/gpu_perf.sh
 # PHASE: speed (the headline rows), candidates (one optimization at a time), loss (fast vs plain path over
-# 200 steps), sft (packed vs padded), tune / tune2 / tune3 / tune4 / tune5 (one-GPU settings), memory2 / memory3 (largest
+# 200 steps), sft (packed vs padded), tune / tune2 ... tune7 (one-GPU settings; tune6/7: --compile_layers), memory2 / memory3 (largest
 # Qwen2.5 shapes per ZeRO stage). A device command has 10 minutes: results.jsonl and a tarball of the logs
 # under $OUT (a call brings back only a few files), and carry .whl.
 source .whl/setup.sh   # before `set -u`: its install pipeline may match nothing
@@ -161,6 +161,20 @@ tune5)  # torch.compile without Liger at the large batches (compile + Liger gave
   seed seed-0.5b-bs8-gc --arch 0.5b --bs 8 --gc
   LIMIT=150 ours compile-noliger-0.5b-bs32 --config qwen2.5-0.5b --batch 32 --steps 18 --skip_steps 6 --logging_steps 4 \
     --torch_compile
+  ;;
+tune6)  # --compile_layers: each decoder layer compiled, Liger's fused linear cross-entropy kept for the loss
+  LIMIT=160 seed seed-1.5b-bs4-gc --arch 1.5b --bs 4 --gc   # the first DeepSpeed run JIT-builds FusedAdam
+  LIMIT=190 ours layers-1.5b-bs16 --config qwen2.5-1.5b --batch 16 --steps 18 --skip_steps 6 --logging_steps 4 \
+    --compile_layers
+  LIMIT=190 ours layers-1.5b-bs24 --config qwen2.5-1.5b --batch 24 --steps 14 --skip_steps 6 --logging_steps 4 \
+    --compile_layers
+  ;;
+tune7)  # the 0.5B rows of --compile_layers
+  LIMIT=160 seed seed-0.5b-bs8-gc --arch 0.5b --bs 8 --gc
+  LIMIT=190 ours layers-0.5b-bs32 --config qwen2.5-0.5b --batch 32 --steps 18 --skip_steps 6 --logging_steps 4 \
+    --compile_layers
+  LIMIT=190 ours layers-0.5b-bs48 --config qwen2.5-0.5b --batch 48 --steps 14 --skip_steps 6 --logging_steps 4 \
+    --compile_layers
   ;;
 memory2)  # the largest Qwen2.5-family shape per strategy on one H200 (plan.py predicts 7B does not fit ZeRO-2/3)
   Q3B=hidden_size=2048,intermediate_size=11008,num_hidden_layers=36,num_attention_heads=16,num_key_value_heads=2,vocab_size=151936

@@ -231,6 +231,10 @@ class TrainArguments(TrainingArguments):
         "help": "Liger's fused Triton kernels on a CUDA GPU: a linear + cross-entropy that never materializes the "
                 "vocabulary-wide logits, RMSNorm, RoPE and SwiGLU. On by default where liger-kernel is installed "
                 "and a GPU is present (off on CPUs); --use_liger_kernel false turns them off."})
+    compile_layers: bool = field(default=False, metadata={
+        "help": "torch.compile each decoder layer (Inductor fuses its norms, RoPE and SwiGLU) while the loss stays "
+                "Liger's fused linear cross-entropy outside the compiled graphs, so the vocabulary-wide logits are "
+                "never materialized as under --torch_compile (which must turn Liger off). lmtrain/model/compiling.py"})
     peak_tflops: float | None = field(default=None, metadata={
         "help": "Per-device dense bf16 peak for the MFU estimate (default: known GPUs, e.g. 989 for H100)."})
     z_loss_coefficient: float = field(default=0.0, metadata={
@@ -276,6 +280,9 @@ class TrainArguments(TrainingArguments):
             logger.info("Liger kernels off: they need a CUDA GPU and the liger-kernel package")
             self._as_given["use_liger_kernel"] = True
             self.use_liger_kernel = False
+        if self.compile_layers and self.torch_compile:
+            raise ValueError("--compile_layers and --torch_compile: pick one (--compile_layers compiles each decoder "
+                             "layer and keeps Liger's fused loss; --torch_compile compiles the whole model)")
         liger_off_under_compile(self)
         if self.bf16 and not self.use_cpu and not self.deepspeed and not torch.cuda.is_available():
             # PyTorch runs bf16 autocast on CPUs, but transformers refuses --bf16 there unless told use_cpu.
@@ -296,11 +303,16 @@ class TrainArguments(TrainingArguments):
 
 def liger_off_under_compile(args):
     """torch.compile traced Liger's Triton kernels wrongly on torch 2.11 + liger-kernel 0.8.5: NaN from the first
-    step (docs/PERFORMANCE.md, one H200). A run asking for --torch_compile gets the model's own layers instead."""
+    step (docs/PERFORMANCE.md, one H200). A run asking for --torch_compile gets the model's own layers instead;
+    under --compile_layers Liger keeps only the loss, which runs outside the compiled layers."""
     if args.torch_compile and args.use_liger_kernel:
         logger.warning("--torch_compile: Liger kernels off (compiled together they gave NaN losses from the first "
                        "step on torch 2.11 + liger-kernel 0.8.5; docs/PERFORMANCE.md)")
         args.use_liger_kernel = False
+    elif getattr(args, "compile_layers", False) and args.use_liger_kernel:
+        from lmtrain.model.compiling import LIGER_UNDER_LAYER_COMPILE
+
+        args.liger_kernel_config = {**LIGER_UNDER_LAYER_COMPILE, **(args.liger_kernel_config or {})}
 
 
 @dataclass

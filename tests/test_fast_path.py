@@ -18,7 +18,8 @@ def reference_varlen(q, k, v, cu_seq_q, cu_seq_k, max_q, max_k, scale=None, wind
     """What torch.nn.attention.varlen.varlen_attn computes (causal within each segment), from plain SDPA."""
     assert window_size == (-1, 0), "the kernel must be asked for causal attention"
     bounds = cu_seq_q.tolist()
-    assert bounds == cu_seq_k.tolist() and max_q == max(b - a for a, b in zip(bounds, bounds[1:]))
+    # An upper bound on the longest document is all the kernel needs (compiled layers pass the row length).
+    assert bounds == cu_seq_k.tolist() and max_q >= max(b - a for a, b in zip(bounds, bounds[1:])) and max_q == max_k
     out = [F.scaled_dot_product_attention(q[a:b].transpose(0, 1), k[a:b].transpose(0, 1), v[a:b].transpose(0, 1),
                                           is_causal=True, scale=scale, enable_gqa=enable_gqa).transpose(0, 1)
            for a, b in zip(bounds, bounds[1:])]
@@ -175,3 +176,49 @@ def test_torch_compile_turns_liger_off():
     eager = SimpleNamespace(torch_compile=False, use_liger_kernel=True)
     liger_off_under_compile(eager)
     assert eager.use_liger_kernel is True
+
+
+def test_compile_layers_keeps_only_liger_loss_and_refuses_torch_compile_too():
+    from types import SimpleNamespace
+
+    from lmtrain.arguments import TrainArguments, liger_off_under_compile
+
+    layered = SimpleNamespace(torch_compile=False, compile_layers=True, use_liger_kernel=True,
+                              liger_kernel_config=None)
+    liger_off_under_compile(layered)
+    assert layered.use_liger_kernel is True  # the fused linear cross-entropy stays, outside the compiled layers
+    assert layered.liger_kernel_config == {"rope": False, "rms_norm": False, "swiglu": False}
+    with pytest.raises(ValueError, match="pick one"):
+        TrainArguments(output_dir="unused", compile_layers=True, torch_compile=True, report_to="none")
+
+
+def test_compiled_layers_train_as_eager_ones_on_packed_rows(monkeypatch):
+    """--compile_layers: the same logits and gradients as the eager model on packed rows, through Dynamo and
+    AOTAutograd (aot_eager: Inductor's code generation would take minutes on a CI CPU), with the varlen
+    boundary read running eagerly between the graphs."""
+    from lmtrain.model.compiling import compile_decoder_layers
+
+    longest_seen = []
+
+    def spied_varlen(q, k, v, cu_seq_q, cu_seq_k, max_q, max_k, scale=None, window_size=(-1, -1), enable_gqa=False):
+        longest_seen.append(max_q)
+        return reference_varlen(q, k, v, cu_seq_q, cu_seq_k, max_q, max_k, scale, window_size, enable_gqa)
+
+    monkeypatch.setattr(attention, "varlen_kernel", lambda: spied_varlen)
+    ids = torch.randint(0, 128, (2, 12))
+    positions = torch.tensor([[0, 1, 2, 3, 4, 0, 1, 2, 3, 4, 5, 6], [0, 1, 2, 3, 4, 5, 6, 7, 0, 1, 2, 3]])
+    results = []
+    for compiled in (False, True):
+        model = tiny_model("varlen").train()
+        if compiled:
+            assert compile_decoder_layers(model, backend="aot_eager") == 2
+        loss = model(input_ids=ids, position_ids=positions, labels=ids).loss
+        loss.backward()
+        results.append((loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters()}))
+        assert set(model.state_dict()) == set(tiny_model("varlen").state_dict())  # checkpoints keep their keys
+    torch._dynamo.reset()
+    # Eager layers pass the batch's longest document; compiled ones the row length (no recompile per batch).
+    assert longest_seen[:2] == [8, 8] and set(longest_seen[2:]) == {12}
+    torch.testing.assert_close(results[1][0], results[0][0], atol=1e-6, rtol=1e-5)
+    for name, grad in results[0][1].items():
+        torch.testing.assert_close(results[1][1][name], grad, atol=1e-6, rtol=1e-4)

@@ -70,22 +70,36 @@ def varlen_attention_forward(module, query, key, value, attention_mask, dropout:
     from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
     batch, heads, length, dim = query.shape
-    kernel = varlen_kernel()
-    if attention_mask is not None or key.shape[2] != length or kernel is None or dropout:
+    plan = None
+    if attention_mask is None and key.shape[2] == length and not dropout:
+        plan = _varlen_plan(kwargs.get("position_ids"), batch, length, query.device)
+    if plan is None:
         return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout,
                                       scaling=scaling, is_causal=is_causal, **kwargs)
-    position_ids = kwargs.get("position_ids")
-    if position_ids is None or position_ids.shape != (batch, length):
-        position_ids = torch.arange(length, device=query.device).expand(batch, length)
-    bounds, longest = _boundaries.get(position_ids)
+    kernel, options, bounds, longest = plan
+    if torch.compiler.is_compiling():
+        # The kernel needs only an upper bound on the longest document; the batch's own value, a Python int,
+        # would make Dynamo compile the layer again for every new value.
+        longest = length
     q, k, v = (x.transpose(1, 2).reshape(batch * length, x.shape[1], dim) for x in (query, key, value))
-    options = _kernel_options(kernel)
     if k.shape[1] != heads and "enable_gqa" not in options:
         k, v = (x.repeat_interleave(heads // x.shape[1], dim=1) for x in (k, v))
     elif k.shape[1] != heads:
         options["enable_gqa"] = True
     out = kernel(q, k, v, bounds, bounds, longest, longest, scale=scaling, **options)
     return out.reshape(batch, length, heads, dim), None
+
+
+@torch.compiler.disable  # runs eagerly under --compile_layers: a host read and signature inspection, not graphable
+def _varlen_plan(position_ids, batch: int, length: int, device):
+    """(kernel, its options, cu_seqlens, longest document) for a full forward, or None where no varlen kernel
+    can run (SDPA then)."""
+    kernel = varlen_kernel()
+    if kernel is None:
+        return None
+    if position_ids is None or position_ids.shape != (batch, length):
+        position_ids = torch.arange(length, device=device).expand(batch, length)
+    return (kernel, _kernel_options(kernel), *_boundaries.get(position_ids))
 
 
 def _kernel_options(kernel) -> dict:

@@ -18,6 +18,7 @@ from lmtrain.training.checkpoints import (check_checkpoint_fits, checkpoint_step
 from lmtrain.training.guards import NonFiniteStop, StepGuard
 from lmtrain.training.signals import PreemptionCallback, signal_name
 from lmtrain.data.collators import REAL_TOKENS_KEY, CountingCollator, collate_packed_blocks
+from lmtrain.model.compiling import compile_decoder_layers
 from lmtrain.training.losses import loss_function_for
 from lmtrain.training.metrics import eval_figures, token_loss_stats
 from lmtrain.training.reporting import configure_reporting, log_samples
@@ -224,12 +225,15 @@ def build_trainer(model, tokenizer, args, train_dataset, eval_dataset=None, data
                   eval_bytes_per_token: float | None = None) -> LMTrainer:
     configure_reporting(args)
     callbacks = trainer_callbacks(args)
-    return LMTrainer(model=model, args=args, train_dataset=train_dataset, eval_dataset=eval_dataset,
+    trainer = LMTrainer(model=model, args=args, train_dataset=train_dataset, eval_dataset=eval_dataset,
                      data_collator=data_collator, processing_class=tokenizer, callbacks=callbacks,
                      compute_loss_func=loss_function_for(args),  # label smoothing / z-loss, else the model's
                      eval_bytes_per_token=eval_bytes_per_token,
                      throughput=ThroughputCallback(model, peak_tflops=args.peak_tflops),
                      guard=StepGuard(args.max_nonfinite_steps))
+    if args.compile_layers:  # after the Trainer's __init__, which patches Liger into the model
+        compile_decoder_layers(trainer.model)
+    return trainer
 
 
 def final_metrics(trainer: Trainer, result, evaluate: bool) -> dict:

@@ -1,0 +1,40 @@
+"""--compile_layers: torch.compile each decoder layer on its own, as torchtitan compiles its blocks.
+
+Inside a layer Inductor fuses the RMSNorms, RoPE, SwiGLU and residual adds into a few kernels. The loss stays
+outside every compiled graph, so it can be Liger's fused linear + cross-entropy (never materializing the
+151,936-wide logits), which the whole-model --torch_compile cannot use (Dynamo traced Liger's kernels into NaN,
+docs/PERFORMANCE.md). The layers of one model share their code, so one compiled graph serves them all."""
+from __future__ import annotations
+
+import logging
+
+import torch
+
+logger = logging.getLogger(__name__)
+
+# Inside compiled layers Inductor fuses these itself; Liger keeps only the loss (outside the layers).
+LIGER_UNDER_LAYER_COMPILE = {"rope": False, "rms_norm": False, "swiglu": False}
+
+
+def decoder_layers(model: torch.nn.Module) -> list[torch.nn.Module]:
+    """The repeated blocks transformers marks as GradientCheckpointingLayer (Qwen2, LLaMA, ... decoder layers);
+    found through any wrapper (PEFT, DeepSpeed)."""
+    from transformers.modeling_layers import GradientCheckpointingLayer
+
+    return [module for module in model.modules() if isinstance(module, GradientCheckpointingLayer)]
+
+
+def compile_decoder_layers(model: torch.nn.Module, backend: str = "inductor") -> int:
+    """Compile every decoder layer in place (state_dict keys unchanged, so checkpoints and from_pretrained are
+    as without compile); returns how many."""
+    layers = decoder_layers(model)
+    if not layers:
+        raise ValueError(f"--compile_layers: {type(model).__name__} has no decoder layers marked as transformers' "
+                         "GradientCheckpointingLayer; use --torch_compile for this model")
+    # Dynamo keeps 8 compiled variants per code object by default, then silently runs eager: training and
+    # evaluation, with and without grad, must all fit, whatever the layer count.
+    torch._dynamo.config.cache_size_limit = max(torch._dynamo.config.cache_size_limit, 16)
+    for layer in layers:
+        layer.compile(backend=backend)
+    logger.info("--compile_layers: %d decoder layers compiled (%s)", len(layers), backend)
+    return len(layers)
