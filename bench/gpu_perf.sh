@@ -176,6 +176,21 @@ tune7)  # the 0.5B rows of --compile_layers
   LIMIT=190 ours layers-0.5b-bs48 --config qwen2.5-0.5b --batch 48 --steps 14 --skip_steps 6 --logging_steps 4 \
     --compile_layers
   ;;
+tune8)  # --fp8 (torchao float8 linears in the decoder layers) with --compile_layers; needs the torchao wheel in .whl
+  python -c "import torch, torchao; print('torch', torch.__version__, 'torchao', torchao.__version__)" 2>&1 | tail -1
+  LIMIT=160 seed seed-1.5b-bs4-gc --arch 1.5b --bs 4 --gc
+  LIMIT=190 ours fp8-1.5b-bs16 --config qwen2.5-1.5b --batch 16 --steps 18 --skip_steps 6 --logging_steps 4 \
+    --compile_layers --fp8
+  LIMIT=190 ours fp8-1.5b-bs24 --config qwen2.5-1.5b --batch 24 --steps 14 --skip_steps 6 --logging_steps 4 \
+    --compile_layers --fp8
+  ;;
+tune9)  # 0.5B: --compile_layers and --fp8 at batch 48
+  LIMIT=160 seed seed-0.5b-bs8-gc --arch 0.5b --bs 8 --gc
+  LIMIT=190 ours layers-0.5b-bs48 --config qwen2.5-0.5b --batch 48 --steps 14 --skip_steps 6 --logging_steps 4 \
+    --compile_layers
+  LIMIT=190 ours fp8-0.5b-bs48 --config qwen2.5-0.5b --batch 48 --steps 14 --skip_steps 6 --logging_steps 4 \
+    --compile_layers --fp8
+  ;;
 memory2)  # the largest Qwen2.5-family shape per strategy on one H200 (plan.py predicts 7B does not fit ZeRO-2/3)
   Q3B=hidden_size=2048,intermediate_size=11008,num_hidden_layers=36,num_attention_heads=16,num_key_value_heads=2,vocab_size=151936
   Q7B=hidden_size=3584,intermediate_size=18944,num_hidden_layers=28,num_attention_heads=28,num_key_value_heads=4,tie_word_embeddings=false,vocab_size=152064

@@ -235,6 +235,11 @@ class TrainArguments(TrainingArguments):
         "help": "torch.compile each decoder layer (Inductor fuses its norms, RoPE and SwiGLU) while the loss stays "
                 "Liger's fused linear cross-entropy outside the compiled graphs, so the vocabulary-wide logits are "
                 "never materialized as under --torch_compile (which must turn Liger off). lmtrain/model/compiling.py"})
+    fp8: bool = field(default=False, metadata={
+        "help": "Float8 matmuls in the decoder layers' linear layers (torchao's float8 training, tensorwise "
+                "scaling; needs torchao and an FP8 GPU such as H100/H200; use with --compile_layers, torchao's casts "
+                "are slow uncompiled). Off by default: it moves the loss by more than bf16 noise "
+                "(docs/PERFORMANCE.md)."})
     peak_tflops: float | None = field(default=None, metadata={
         "help": "Per-device dense bf16 peak for the MFU estimate (default: known GPUs, e.g. 989 for H100)."})
     z_loss_coefficient: float = field(default=0.0, metadata={
@@ -284,6 +289,10 @@ class TrainArguments(TrainingArguments):
             raise ValueError("--compile_layers and --torch_compile: pick one (--compile_layers compiles each decoder "
                              "layer and keeps Liger's fused loss; --torch_compile compiles the whole model)")
         liger_off_under_compile(self)
+        if self.fp8:
+            from lmtrain.model.fp8 import check_fp8_possible
+
+            check_fp8_possible(self.use_cpu)
         if self.bf16 and not self.use_cpu and not self.deepspeed and not torch.cuda.is_available():
             # PyTorch runs bf16 autocast on CPUs, but transformers refuses --bf16 there unless told use_cpu.
             logger.info("--bf16 without a GPU: training in bf16 on the CPU (use_cpu)")

@@ -222,3 +222,29 @@ def test_compiled_layers_train_as_eager_ones_on_packed_rows(monkeypatch):
     torch.testing.assert_close(results[1][0], results[0][0], atol=1e-6, rtol=1e-5)
     for name, grad in results[0][1].items():
         torch.testing.assert_close(results[1][1][name], grad, atol=1e-6, rtol=1e-4)
+
+
+def test_fp8_converts_the_decoder_linears_only_and_tracks_the_bf16_loss():
+    """--fp8 on a CPU (torchao emulates the float8 matmuls): every linear layer inside the decoder layers
+    becomes Float8Linear, the LM head does not, the state_dict keys stay, and the loss and gradients stay near
+    the unconverted model's (float8 rounding, not a different model)."""
+    pytest.importorskip("torchao")
+    from torchao.float8.float8_linear import Float8Linear
+
+    from lmtrain.model.fp8 import convert_decoder_linears_to_fp8
+
+    ids = torch.randint(0, 128, (2, 16))
+    plain, fp8 = tiny_model("sdpa").train(), tiny_model("sdpa").train()
+    keys = set(fp8.state_dict())
+    assert convert_decoder_linears_to_fp8(fp8) == 2 * 7  # q, k, v, o, gate, up, down per layer
+    assert not isinstance(fp8.lm_head, Float8Linear) and set(fp8.state_dict()) == keys
+    losses = []
+    for model in (plain, fp8):
+        loss = model(input_ids=ids, labels=ids).loss
+        loss.backward()
+        losses.append(loss.item())
+        assert all(torch.isfinite(p.grad).all() for p in model.parameters())
+    assert losses[1] == pytest.approx(losses[0], rel=0.02) and losses[1] != losses[0]
+    cosine = F.cosine_similarity(plain.model.layers[0].mlp.up_proj.weight.grad.flatten(),
+                                 fp8.model.layers[0].mlp.up_proj.weight.grad.flatten(), dim=0)
+    assert cosine > 0.95
