@@ -184,12 +184,16 @@ tune8)  # --fp8 (torchao float8 linears in the decoder layers) with --compile_la
   LIMIT=190 ours fp8-1.5b-bs24 --config qwen2.5-1.5b --batch 24 --steps 14 --skip_steps 6 --logging_steps 4 \
     --compile_layers --fp8
   ;;
-tune9)  # 0.5B: --compile_layers and --fp8 at batch 48
+tune9)  # 0.5B --fp8 at batch 48, the 1.5B --fp8 row again beside a second reference, fp8's 200-step loss curve
   LIMIT=160 seed seed-0.5b-bs8-gc --arch 0.5b --bs 8 --gc
-  LIMIT=190 ours layers-0.5b-bs48 --config qwen2.5-0.5b --batch 48 --steps 14 --skip_steps 6 --logging_steps 4 \
-    --compile_layers
-  LIMIT=190 ours fp8-0.5b-bs48 --config qwen2.5-0.5b --batch 48 --steps 14 --skip_steps 6 --logging_steps 4 \
+  LIMIT=170 ours fp8-0.5b-bs48 --config qwen2.5-0.5b --batch 48 --steps 14 --skip_steps 6 --logging_steps 4 \
     --compile_layers --fp8
+  seed seed-1.5b-bs4-gc --arch 1.5b --bs 4 --gc
+  LIMIT=170 ours fp8-1.5b-bs24 --config qwen2.5-1.5b --batch 24 --steps 14 --skip_steps 6 --logging_steps 4 \
+    --compile_layers --fp8
+  # the loss phase's settings (its plain and fast curves are in docs/gpu_logs/h200-2026-12-02/call2-results.jsonl)
+  LIMIT=150 ours loss-fp8-0.5b --config qwen2.5-0.5b --batch 8 --steps 200 --logging_steps 10 --data markov \
+    --doc_length 512 --compile_layers --fp8
   ;;
 memory2)  # the largest Qwen2.5-family shape per strategy on one H200 (plan.py predicts 7B does not fit ZeRO-2/3)
   Q3B=hidden_size=2048,intermediate_size=11008,num_hidden_layers=36,num_attention_heads=16,num_key_value_heads=2,vocab_size=151936
