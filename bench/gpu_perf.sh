@@ -195,6 +195,13 @@ tune9)  # 0.5B --fp8 at batch 48, the 1.5B --fp8 row again beside a second refer
   LIMIT=150 ours loss-fp8-0.5b --config qwen2.5-0.5b --batch 8 --steps 200 --logging_steps 10 --data markov \
     --doc_length 512 --compile_layers --fp8
   ;;
+docs)  # document masking on packed blocks (documents of mean length 1024): varlen, SDPA's materialized mask, flex
+  LIMIT=150 seed seed-1.5b-bs4-gc --arch 1.5b --bs 4 --gc
+  short=(--config qwen2.5-1.5b --batch 8 --steps 12 --skip_steps 4 --logging_steps 4 --doc_length 1024)
+  LIMIT=80 ours varlen-docs-1.5b-bs8 "${short[@]}"
+  LIMIT=80 ours sdpa-docs-1.5b-bs8 "${short[@]}" --attn_implementation sdpa
+  LIMIT=80 ours flex-docs-1.5b-bs8 "${short[@]}" --attn_implementation flex_attention
+  ;;
 memory2)  # the largest Qwen2.5-family shape per strategy on one H200 (plan.py predicts 7B does not fit ZeRO-2/3)
   Q3B=hidden_size=2048,intermediate_size=11008,num_hidden_layers=36,num_attention_heads=16,num_key_value_heads=2,vocab_size=151936
   Q7B=hidden_size=3584,intermediate_size=18944,num_hidden_layers=28,num_attention_heads=28,num_key_value_heads=4,tie_word_embeddings=false,vocab_size=152064
