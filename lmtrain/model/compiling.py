@@ -36,5 +36,19 @@ def compile_decoder_layers(model: torch.nn.Module, backend: str = "inductor") ->
     torch._dynamo.config.cache_size_limit = max(torch._dynamo.config.cache_size_limit, 16)
     for layer in layers:
         layer.compile(backend=backend)
+        layer._compiled_call_impl = _eager_when_decoding(layer._compiled_call_impl, layer._call_impl)
     logger.info("--compile_layers: %d decoder layers compiled (%s)", len(layers), backend)
     return len(layers)
+
+
+def _eager_when_decoding(compiled, eager):
+    """The compiled call for full-sequence forwards (training, evaluation); the eager one for KV-cache decoding
+    (--sample_prompts, generate): there Dynamo guards on each layer's layer_idx and cache state, one variant
+    per layer, so a 24- or 28-layer model exhausted the recompile limit (16) during the first samples, with
+    a page of warnings and seconds of compiling per layer, for no training speed."""
+    def call(*args, **kwargs):
+        if kwargs.get("past_key_values") is not None:
+            return eager(*args, **kwargs)
+        return compiled(*args, **kwargs)
+
+    return call

@@ -34,11 +34,14 @@ def check_fp8_possible(use_cpu: bool):
 
 def convert_decoder_linears_to_fp8(model: torch.nn.Module) -> int:
     """Swap every nn.Linear inside the decoder layers for torchao's Float8Linear in place; returns how many.
-    FP8 matmuls need both dimensions divisible by 16; a layer that is not stays in bf16 (counted, logged)."""
+    FP8 matmuls need both dimensions divisible by 16; a layer that is not stays in bf16 (counted, logged), and
+    so do LoRA adapters (_adapter_linears)."""
     from torchao.float8 import convert_to_float8_training
 
-    inside = {id(module) for layer in decoder_layers(model) for module in layer.modules()
-              if isinstance(module, torch.nn.Linear)}
+    layers = decoder_layers(model)
+    adapters = _adapter_linears(layers)
+    inside = {id(module) for layer in layers for module in layer.modules()
+              if isinstance(module, torch.nn.Linear) and id(module) not in adapters}
     skipped = []
 
     def in_decoder_layer(module: torch.nn.Module, name: str) -> bool:
@@ -51,8 +54,25 @@ def convert_decoder_linears_to_fp8(model: torch.nn.Module) -> int:
 
     convert_to_float8_training(model, module_filter_fn=in_decoder_layer)
     converted = len(inside) - len(skipped)
-    if not converted:
+    if not inside:
         raise UserError(f"--fp8: {type(model).__name__} has no linear layers inside decoder layers to convert")
-    logger.info("--fp8: %d linear layers compute in float8%s", converted,
-                f"; {len(skipped)} stay in bf16 (a dimension not divisible by 16): {skipped[:4]}" if skipped else "")
+    if not converted:
+        raise UserError(f"--fp8: none of the {len(inside)} linear layers inside {type(model).__name__}'s decoder "
+                        f"layers has both dimensions divisible by 16, as float8 matmuls need (e.g. {skipped[0]})")
+    logger.info("--fp8: %d linear layers compute in float8%s%s", converted,
+                f"; {len(skipped)} stay in bf16 (a dimension not divisible by 16): {skipped[:4]}" if skipped else "",
+                f"; the {len(adapters)} LoRA adapter linears stay in bf16" if adapters else "")
     return converted
+
+
+def _adapter_linears(layers: list[torch.nn.Module]) -> set[int]:
+    """ids of the linear layers of PEFT adapters (LoRA's A and B) inside the decoder layers: they stay in bf16.
+    Their matmuls are rank-thin (no FP8 speed-up, only the casts' cost) and they are all that trains, so their
+    gradients keep bf16's precision; the frozen base layers they wrap are converted."""
+    try:
+        from peft.tuners.tuners_utils import BaseTunerLayer
+    except ImportError:
+        return set()
+    return {id(linear) for layer in layers for tuner in layer.modules() if isinstance(tuner, BaseTunerLayer)
+            for name, child in tuner.named_children() if name != "base_layer"
+            for linear in child.modules() if isinstance(linear, torch.nn.Linear)}
