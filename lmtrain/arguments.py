@@ -237,8 +237,8 @@ class TrainArguments(TrainingArguments):
                 "never materialized as under --torch_compile (which must turn Liger off). lmtrain/model/compiling.py"})
     fp8: bool = field(default=False, metadata={
         "help": "Float8 matmuls in the decoder layers' linear layers (torchao's float8 training, tensorwise "
-                "scaling; needs torchao and an FP8 GPU such as H100/H200; use with --compile_layers, torchao's casts "
-                "are slow uncompiled). Off by default: it moves the loss by more than bf16 noise "
+                "scaling; needs torchao and an FP8 GPU such as H100/H200, on a CPU torchao emulates it, slowly; use with "
+                "--compile_layers, torchao's casts are slow uncompiled). Off by default: it moves the loss by more than bf16 noise "
                 "(docs/PERFORMANCE.md)."})
     peak_tflops: float | None = field(default=None, metadata={
         "help": "Per-device dense bf16 peak for the MFU estimate (default: known GPUs, e.g. 989 for H100)."})
