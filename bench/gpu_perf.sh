@@ -6,7 +6,8 @@
 # PHASE: speed (the headline rows), candidates (one optimization at a time), loss (fast vs plain path over
 # 200 steps), sft (packed vs padded), tune / tune2 ... tune7 (one-GPU settings; tune6/7: --compile_layers), memory2 / memory3 (largest
 # Qwen2.5 shapes per ZeRO stage). A device command has 10 minutes: results.jsonl and a tarball of the logs
-# under $OUT (a call brings back only a few files), and carry .whl.
+# under $OUT (a call brings back only a few files), and carry .whl. tune8/tune9 (--fp8) need torchao there too:
+#   pip download torchao==0.18.0 --no-deps -d .whl
 source .whl/setup.sh   # before `set -u`: its install pipeline may match nothing
 set -uo pipefail       # not -e: one failed row must not lose the others
 LOGS=${LOGS:-/tmp/gpu-logs}
