@@ -254,6 +254,7 @@ class TrainArguments(TrainingArguments):
         if isinstance(self.report_to, str) and "," in self.report_to:
             self.report_to = [name.strip() for name in self.report_to.split(",") if name.strip()]
         _point_tensorboard_at(self.logging_dir)
+        check_training_numbers(self)
         if self.max_nonfinite_steps < 0:
             raise ValueError(f"--max_nonfinite_steps {self.max_nonfinite_steps}: must be 0 (never stop) or more")
         if self.z_loss_coefficient < 0:
@@ -308,6 +309,22 @@ class TrainArguments(TrainingArguments):
         """The options this machine decided (-1 workers, Liger without a GPU), as given: what the resolved
         config records, so that replaying it elsewhere decides them again."""
         return dict(getattr(self, "_as_given", {}))
+
+
+def check_training_numbers(args):
+    """Values transformers or torch would take silently (a negative --max_steps trains the epochs; 0 trains one
+    step and calls the run complete) or fail on deep in the first step, with a traceback."""
+    if args.max_steps == 0 or args.max_steps < -1:
+        raise ValueError(f"--max_steps {args.max_steps}: give a positive number of optimizer steps (or leave it out "
+                         "to train --num_train_epochs)")
+    for name in ("per_device_train_batch_size", "per_device_eval_batch_size", "gradient_accumulation_steps"):
+        value = getattr(args, name)
+        if isinstance(value, int) and value < 1:
+            raise ValueError(f"--{name} {value}: must be at least 1")
+    if args.learning_rate < 0:
+        raise ValueError(f"--learning_rate {args.learning_rate}: must not be negative")
+    if args.num_train_epochs <= 0 and args.max_steps == -1:
+        raise ValueError(f"--num_train_epochs {args.num_train_epochs}: must be positive (or give --max_steps)")
 
 
 def liger_off_under_compile(args):

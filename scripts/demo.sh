@@ -28,7 +28,7 @@ if $PYTHON -c "import torch, sys; sys.exit(0 if torch.cuda.is_available() else 1
   MODEL=(--config_name qwen2-tiny --config_overrides hidden_size=512,intermediate_size=1536,num_hidden_layers=8,num_attention_heads=8,num_key_value_heads=4)
   VOCAB=4096 BATCH_SIZE=32 BLOCK=512 SFT_LENGTH=256 LR=3e-3 WARMUP=50 SFT_LR=2e-3 SFT_SAMPLES=20000 DPO_LR=3e-4
 else
-  # 2 CPU cores, 10 minutes end to end (docs/DEMO.md, 2026-12-02, has the trials): with 1,024 tokens the LM
+  # 2 CPU cores, within 10 minutes end to end (8 min 22 s measured; docs/DEMO.md has the trials): with 1,024 tokens the LM
   # head is cheap, so the 0.9M-parameter model runs ~1.5x the tokens per second it does with 4,096 and
   # learns more per byte. SFT needs its 800 steps: exact match jumps between steps 400 and 800. DPO at 1e-4:
   # 3e-4 cost this model 23 of its 171 right answers. Initialization at 0.04 instead of 0.02: 2.180 bits per

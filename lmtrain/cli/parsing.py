@@ -190,13 +190,39 @@ def _given_on_command_line(parser: HfArgumentParser, argv: list[str]) -> set[str
     return set(vars(namespace))
 
 
+class _Parser(HfArgumentParser):
+    """HfArgumentParser for users: a flag is matched whole (argparse would take --max_step for --max_steps, or
+    for whichever flag it abbreviates, silently), and a bad value is one message, not the usage screen."""
+
+    def __init__(self, dataclass_types):
+        super().__init__(dataclass_types, allow_abbrev=False)
+
+    def error(self, message):
+        raise UserError(f"{message} (python {self.prog} --help lists the options)")
+
+
+def unknown_arguments_message(parser, remaining: list[str]) -> str:
+    """The flags no option takes, each with the nearest real ones (as config-file keys get them)."""
+    import difflib
+
+    known = [flag for action in parser._actions for flag in action.option_strings if flag.startswith("--")]
+    flags = [item.split("=", 1)[0] for item in remaining if item.startswith("-")]
+    if not flags:
+        return f"unexpected argument(s) {' '.join(remaining)}: every value follows its --option"
+    hints = []
+    for flag in flags:
+        close = difflib.get_close_matches(flag, known, n=2)
+        hints.append(f"{flag} (did you mean {', '.join(close)}?)" if close else flag)
+    return f"unknown option(s): {'; '.join(hints)} (python {parser.prog} --help lists the options)"
+
+
 def parse_arguments(dataclass_types, argv: list[str] | None = None):
     """Dataclass defaults < the config file's values < command-line flags. Each returned instance carries
     `explicit_options` (see explicit_options()), and its `check_explicit_options()` runs when it has one."""
     argv = list(sys.argv[1:] if argv is None else argv)
     config_path, argv = split_config_file(argv)
     argv = translate_legacy_flags(argv)
-    parser = HfArgumentParser(dataclass_types)
+    parser = _Parser(dataclass_types)
     config_values = read_config_file(config_path) if config_path else {}
     training = any(issubclass(t, TrainingArguments) for t in dataclass_types)
     batch_choice = None
@@ -210,8 +236,16 @@ def parse_arguments(dataclass_types, argv: list[str] | None = None):
         from_config = _config_defaults(parser, config_values, config_path)
         parser.set_defaults(**from_config)
     try:
-        parsed = parser.parse_args_into_dataclasses(args=argv, look_for_args_file=False)
+        *parsed, remaining = parser.parse_args_into_dataclasses(args=argv, look_for_args_file=False,
+                                                                return_remaining_strings=True)
+        if remaining:
+            raise UserError(unknown_arguments_message(parser, remaining))
         parsed = [options for options in parsed if dataclasses.is_dataclass(options)]  # the --global_batch_size
+        for options in parsed:
+            for name in ("max_train_samples", "max_eval_samples"):
+                value = getattr(options, name, None)
+                if value is not None and value < 1:
+                    raise UserError(f"--{name} {value}: must be at least 1 (leave it out to use every sample)")
         given = set(from_config) | _given_on_command_line(parser, argv)
         for options in parsed:
             names = {f.name for f in dataclasses.fields(options)}

@@ -237,6 +237,9 @@ def _resume_decision(args) -> str | None:
       its first checkpoint (EARLY_RUN_FILES); any other file refuses, so a typo never mixes two runs."""
     if args.resume_from_checkpoint:
         path = Path(args.resume_from_checkpoint)
+        if not path.is_dir():
+            raise UserError(f"--resume_from_checkpoint {path}: no such directory. Give a checkpoint-N directory, "
+                            "or leave the flag out to resume from the newest complete one in --output_dir")
         problem = checkpoint_problem(path)
         if problem is not None and not (path / CHECKPOINT_MARKER).exists() and _legacy_complete(path):
             logger.warning("--resume_from_checkpoint %s has no %s (written before markers existed?); its "

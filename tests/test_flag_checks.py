@@ -1,0 +1,44 @@
+"""Flags a user gets wrong: each is one message (UserError, printed without a traceback), never a silent
+different run (a negative --max_steps used to train the epochs; --max_step was taken for --max_steps)."""
+from __future__ import annotations
+
+import pytest
+
+from lmtrain.arguments import DataArguments, ModelArguments, TrainArguments
+from lmtrain.cli.parsing import parse_arguments
+from lmtrain.errors import UserError
+
+TYPES = (ModelArguments, DataArguments, TrainArguments)
+BASE = ["--output_dir", "unused-out", "--report_to", "none"]
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--max_steps", "-3"], "--max_steps -3: give a positive number"),
+    (["--max_steps", "0"], "--max_steps 0: give a positive number"),
+    (["--per_device_train_batch_size", "0"], "--per_device_train_batch_size 0: must be at least 1"),
+    (["--gradient_accumulation_steps", "0"], "--gradient_accumulation_steps 0: must be at least 1"),
+    (["--learning_rate", "-1"], "--learning_rate -1.0: must not be negative"),
+    (["--max_eval_samples", "-3"], "--max_eval_samples -3: must be at least 1"),
+    (["--max_step", "3"], "unknown option(s): --max_step (did you mean --max_steps"),
+    (["--max_stepz", "3"], "unknown option(s): --max_stepz (did you mean --max_steps"),
+    (["--learning_rate", "abc"], "invalid float value: 'abc'"),
+])
+def test_bad_flags_are_one_message(flags, message):
+    with pytest.raises(UserError) as error:
+        parse_arguments(TYPES, BASE + flags)
+    assert message in str(error.value)
+
+
+def test_the_default_max_steps_still_means_epochs():
+    *_, training = parse_arguments(TYPES, BASE)
+    assert training.max_steps == -1 and training.num_train_epochs > 0
+
+
+def test_a_missing_resume_checkpoint_is_named_as_missing(tmp_path):
+    from types import SimpleNamespace
+
+    from lmtrain.training.checkpoints import resolve_resume
+
+    args = SimpleNamespace(resume_from_checkpoint=str(tmp_path / "checkpoint-99"), output_dir=str(tmp_path))
+    with pytest.raises(UserError, match="checkpoint-99: no such directory"):
+        resolve_resume(args)
