@@ -227,6 +227,9 @@ class TrainArguments(TrainingArguments):
     dataloader_num_workers: int = field(default=-1, metadata={
         "help": "Processes that collate batches ahead of the step. -1 (default): 2 on a GPU (the setting of the "
                 "speed figures in docs/PERFORMANCE.md), 0 on a CPU, where workers would take cores from training."})
+    per_device_train_batch_size: int = field(default=8, metadata={
+        "help": "Rows per device per micro-batch, or auto: on a CUDA GPU the largest the planner fits in its memory "
+                "(less 10%%), on a CPU 8 (docs/PLANNER.md)."})
     use_liger_kernel: bool = field(default=True, metadata={
         "help": "Liger's fused Triton kernels on a CUDA GPU: a linear + cross-entropy that never materializes the "
                 "vocabulary-wide logits, RMSNorm, RoPE and SwiGLU. On by default where liger-kernel is installed "

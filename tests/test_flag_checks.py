@@ -42,3 +42,18 @@ def test_a_missing_resume_checkpoint_is_named_as_missing(tmp_path):
     args = SimpleNamespace(resume_from_checkpoint=str(tmp_path / "checkpoint-99"), output_dir=str(tmp_path))
     with pytest.raises(UserError, match="checkpoint-99: no such directory"):
         resolve_resume(args)
+
+
+def test_a_typo_of_a_builtin_config_names_the_builtin_one(monkeypatch):
+    import lmtrain.locations as locations
+    from lmtrain.model.config import resolve_config
+
+    monkeypatch.setattr(locations, "_hub_unreachable", lambda timeout=3.0: "no network in this test")
+    with pytest.raises(UserError, match=r"built-in configs close to it: qwen2-tiny"):
+        resolve_config("qwen2-tinyy")
+
+
+def test_batch_size_help_mentions_auto(capsys):
+    with pytest.raises(SystemExit):
+        parse_arguments(TYPES, ["--help"])
+    assert "or auto" in capsys.readouterr().out

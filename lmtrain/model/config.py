@@ -27,8 +27,17 @@ def resolve_config(name: str, overrides: str | None = None, **hub_kwargs):
     elif (CONFIGS_DIR / f"{name}.json").is_file() and not path.is_dir():
         config = AutoConfig.from_pretrained(str(CONFIGS_DIR / f"{name}.json"))
     else:
-        config = load_from(AutoConfig.from_pretrained, name, "--config_name", **hub_kwargs)  # no hub try for paths
+        try:
+            config = load_from(AutoConfig.from_pretrained, name, "--config_name", **hub_kwargs)  # no hub for paths
+        except UserError as error:
+            raise UserError(f"{error}{_builtin_hint(name)}") from error
     return apply_overrides(config, overrides)
+
+
+def _builtin_hint(name: str) -> str:
+    """A typo of a built-in config went to the hub: name the built-in ones it is close to."""
+    close = difflib.get_close_matches(name, sorted(p.stem for p in CONFIGS_DIR.glob("*.json")), n=2)
+    return f" (built-in configs close to it: {', '.join(close)})" if close else ""
 
 
 def apply_overrides(config, overrides: str | None):
