@@ -198,14 +198,16 @@ class _Parser(HfArgumentParser):
         super().__init__(dataclass_types, allow_abbrev=False)
 
     def error(self, message):
-        raise UserError(f"{message} (python {self.prog} --help lists the options)")
+        raise UserError(f"{message} (--help lists the options)")
 
 
 def unknown_arguments_message(parser, remaining: list[str]) -> str:
     """The flags no option takes, each with the nearest real ones (as config-file keys get them)."""
     import difflib
 
-    known = [flag for action in parser._actions for flag in action.option_strings if flag.startswith("--")]
+    # each option's --name_with_underscores spelling (transformers adds a --dashed alias of each)
+    known = [flag for action in parser._actions for flag in action.option_strings
+             if flag.startswith("--") and "-" not in flag[2:]]
     flags = [item.split("=", 1)[0] for item in remaining if item.startswith("-")]
     if not flags:
         return f"unexpected argument(s) {' '.join(remaining)}: every value follows its --option"
@@ -213,7 +215,7 @@ def unknown_arguments_message(parser, remaining: list[str]) -> str:
     for flag in flags:
         close = difflib.get_close_matches(flag, known, n=2)
         hints.append(f"{flag} (did you mean {', '.join(close)}?)" if close else flag)
-    return f"unknown option(s): {'; '.join(hints)} (python {parser.prog} --help lists the options)"
+    return f"unknown option(s): {'; '.join(hints)} (--help lists the options)"
 
 
 def parse_arguments(dataclass_types, argv: list[str] | None = None):
