@@ -308,9 +308,9 @@ def test_lora_with_precomputed_reference_says_so(tiny_model_dir, tiny_tokenizer,
 def test_compile_layers_reaches_the_policy_not_the_reference(tiny_model_dir, tiny_tokenizer, tmp_path, monkeypatch):
     """dpo.py accepted --compile_layers and did nothing with it: the policy's layers are compiled, the frozen
     reference (no backward) is left as loaded."""
-    import lmtrain.training.preference as preference
+    import lmtrain.model.compiling as compiling
 
     compiled = []
-    monkeypatch.setattr(preference, "compile_decoder_layers", lambda model: compiled.append(model) or 2)
+    monkeypatch.setattr(compiling, "compile_decoder_layers", lambda model: compiled.append(model) or 2)
     trainer = make_trainer(tiny_model_dir, tiny_tokenizer, tmp_path, PAIRS, compile_layers=True)
     assert compiled == [trainer.model] and trainer.ref_model is not trainer.model

@@ -105,10 +105,7 @@ def _config_defaults(parser: HfArgumentParser, values: dict, path: str) -> dict:
             raise UserError(f"config file {path}: {key}: {value!r} is not a valid value ({error})") from error
         defaults[key] = value
     if unknown:
-        import difflib
-
-        hints = [f"{key} (did you mean {', '.join(difflib.get_close_matches(key, actions, n=2))}?)"
-                 if difflib.get_close_matches(key, actions, n=1) else key for key in unknown]
+        hints = [_with_nearest(key, actions) for key in unknown]
         raise UserError(f"config file {path}: unknown option(s): {'; '.join(hints)}. Every key must be a "
                         "flag name without the dashes (see --help)")
     return defaults
@@ -201,21 +198,23 @@ class _Parser(HfArgumentParser):
         raise UserError(f"{message} (--help lists the options)")
 
 
-def unknown_arguments_message(parser, remaining: list[str]) -> str:
-    """The flags no option takes, each with the nearest real ones (as config-file keys get them)."""
+def _with_nearest(name: str, known) -> str:
+    """`name (did you mean a, b?)` with the two nearest known names, or `name` when none is near."""
     import difflib
 
+    close = difflib.get_close_matches(name, list(known), n=2)
+    return f"{name} (did you mean {', '.join(close)}?)" if close else name
+
+
+def unknown_arguments_message(parser, remaining: list[str]) -> str:
+    """The flags no option takes, each with the nearest real ones (as config-file keys get them)."""
     # each option's --name_with_underscores spelling (transformers adds a --dashed alias of each)
     known = [flag for action in parser._actions for flag in action.option_strings
              if flag.startswith("--") and "-" not in flag[2:]]
     flags = [item.split("=", 1)[0] for item in remaining if item.startswith("-")]
     if not flags:
         return f"unexpected argument(s) {' '.join(remaining)}: every value follows its --option"
-    hints = []
-    for flag in flags:
-        close = difflib.get_close_matches(flag, known, n=2)
-        hints.append(f"{flag} (did you mean {', '.join(close)}?)" if close else flag)
-    return f"unknown option(s): {'; '.join(hints)} (--help lists the options)"
+    return f"unknown option(s): {'; '.join(_with_nearest(flag, known) for flag in flags)} (--help lists the options)"
 
 
 def parse_arguments(dataclass_types, argv: list[str] | None = None):

@@ -10,6 +10,7 @@ forward. "auto" (the default) is varlen on a GPU that has it, else sdpa."""
 from __future__ import annotations
 
 import difflib
+import functools
 import importlib.util
 import inspect
 import logging
@@ -99,9 +100,10 @@ def _varlen_plan(position_ids, batch: int, length: int, device):
         return None
     if position_ids is None or position_ids.shape != (batch, length):
         position_ids = torch.arange(length, device=device).expand(batch, length)
-    return (kernel, _kernel_options(kernel), *_boundaries.get(position_ids))
+    return (kernel, dict(_kernel_options(kernel)), *_boundaries.get(position_ids))  # a copy: the caller edits it
 
 
+@functools.cache
 def _kernel_options(kernel) -> dict:
     # PyTorch 2.10 spells causal as is_causal=True; later versions as a window of (-1, 0) and add enable_gqa.
     parameters = inspect.signature(kernel).parameters

@@ -10,6 +10,8 @@ import logging
 
 import torch
 
+from lmtrain.errors import UserError
+
 logger = logging.getLogger(__name__)
 
 # Inside compiled layers Inductor fuses these itself; Liger keeps only the loss (outside the layers).
@@ -29,7 +31,7 @@ def compile_decoder_layers(model: torch.nn.Module, backend: str = "inductor") ->
     as without compile); returns how many."""
     layers = decoder_layers(model)
     if not layers:
-        raise ValueError(f"--compile_layers: {type(model).__name__} has no decoder layers marked as transformers' "
+        raise UserError(f"--compile_layers: {type(model).__name__} has no decoder layers marked as transformers' "
                          "GradientCheckpointingLayer; use --torch_compile for this model")
     # Dynamo keeps 8 compiled variants per code object by default, then silently runs eager: training and
     # evaluation, with and without grad, must all fit, whatever the layer count.
@@ -39,6 +41,18 @@ def compile_decoder_layers(model: torch.nn.Module, backend: str = "inductor") ->
         layer._compiled_call_impl = _eager_when_decoding(layer._compiled_call_impl, layer._call_impl)
     logger.info("--compile_layers: %d decoder layers compiled (%s)", len(layers), backend)
     return len(layers)
+
+
+def apply_layer_options(model: torch.nn.Module, args) -> None:
+    """--fp8, then --compile_layers, on the model a stage trains (the float8 layers must exist before they are
+    compiled). Called once the Trainer exists and before it trains: transformers applies Liger at the start of
+    train(), outside the layers under --compile_layers, and builds DeepSpeed's engine after that."""
+    if args.fp8:
+        from lmtrain.model.fp8 import convert_decoder_linears_to_fp8  # fp8.py imports this module
+
+        convert_decoder_linears_to_fp8(model)
+    if args.compile_layers:
+        compile_decoder_layers(model)
 
 
 def _eager_when_decoding(compiled, eager):

@@ -21,8 +21,7 @@ from dataclasses import MISSING, fields
 
 from transformers import Trainer
 
-from lmtrain.model.compiling import compile_decoder_layers
-from lmtrain.model.fp8 import convert_decoder_linears_to_fp8
+from lmtrain.model.compiling import apply_layer_options
 from lmtrain.training.callbacks import ThroughputCallback
 from lmtrain.training.guards import StepGuard
 from lmtrain.training.reporting import configure_reporting
@@ -98,10 +97,7 @@ def build_preference_trainer(model, ref_model, tokenizer, args, train_dataset, e
         # MFU counts the policy's forward and backward; the reference's forward (a third more) is not in it.
         throughput=ThroughputCallback(model, peak_tflops=args.peak_tflops), guard=StepGuard(args.max_nonfinite_steps))
     # The policy only: a separate reference model stays as loaded (bf16, eager); it runs no backward.
-    if args.fp8:
-        convert_decoder_linears_to_fp8(trainer.model)
-    if args.compile_layers:
-        compile_decoder_layers(trainer.model)
+    apply_layer_options(trainer.model, args)
     # precomputed first: with LoRA too the pairs are then scored once, and no reference forward runs in training
     reference = ("a frozen copy of the starting model" if trainer.ref_model is not None else
                  "log-probs of the starting model, computed before training" if args.precompute_ref_log_probs

@@ -18,8 +18,7 @@ from lmtrain.training.checkpoints import (check_checkpoint_fits, checkpoint_step
 from lmtrain.training.guards import NonFiniteStop, StepGuard
 from lmtrain.training.signals import PreemptionCallback, signal_name
 from lmtrain.data.collators import REAL_TOKENS_KEY, CountingCollator, collate_packed_blocks
-from lmtrain.model.compiling import compile_decoder_layers
-from lmtrain.model.fp8 import convert_decoder_linears_to_fp8
+from lmtrain.model.compiling import apply_layer_options
 from lmtrain.training.losses import loss_function_for
 from lmtrain.training.metrics import eval_figures, token_loss_stats
 from lmtrain.training.reporting import configure_reporting, log_samples
@@ -232,11 +231,7 @@ def build_trainer(model, tokenizer, args, train_dataset, eval_dataset=None, data
                      eval_bytes_per_token=eval_bytes_per_token,
                      throughput=ThroughputCallback(model, peak_tflops=args.peak_tflops),
                      guard=StepGuard(args.max_nonfinite_steps))
-    # After the Trainer's __init__, which patches Liger into the model; float8 layers before they are compiled.
-    if args.fp8:
-        convert_decoder_linears_to_fp8(trainer.model)
-    if args.compile_layers:
-        compile_decoder_layers(trainer.model)
+    apply_layer_options(trainer.model, args)
     return trainer
 
 
