@@ -568,3 +568,31 @@ def test_zero2_memory_of_qwen2_5_0_5b_by_hand():
     assert shape.parameters() == n
     assert estimate.peak_moment == "backward start" and estimate.total == expected
     assert round(expected / 2 ** 30, 2) == 22.75   # measured 23.65 GiB (loss-fast-0.5b, H200, 2026-12-02)
+
+
+def test_auto_batch_counts_the_logits_that_label_smoothing_and_z_loss_need(monkeypatch, tiny_tokenizer_dir):
+    """Liger's fused loss never materializes the logits; label smoothing and z-loss are computed from them, so
+    with either one the auto micro-batch must be sized with the logits tensor (else it runs out of memory)."""
+    import importlib.util
+
+    from lmtrain.arguments import DataArguments, ModelArguments, TrainArguments
+    from lmtrain.planning import auto_batch, memory
+
+    monkeypatch.setattr(auto_batch, "visible_gpu", lambda: ("stub GPU", 80 * 2 ** 30))
+    real_find_spec = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec",   # as on a GPU machine with liger-kernel installed
+                        lambda name, *a: object() if name == "liger_kernel" else real_find_spec(name, *a))
+    sized_with = []
+    real_largest = memory.largest_micro_batch
+    monkeypatch.setattr(memory, "largest_micro_batch",
+                        lambda shape, setup, usable: sized_with.append(setup) or real_largest(shape, setup, usable))
+    argv = ["--config_name", "qwen2.5-0.5b", "--tokenizer_name", str(tiny_tokenizer_dir), "--block_size", "2048",
+            "--bf16", "--per_device_train_batch_size", "auto"]
+    fused = {}
+    for extra in ([], ["--z_loss_coefficient", "1e-4"], ["--label_smoothing_factor", "0.1"],
+                  ["--z_loss_coefficient", "0"]):
+        flags = auto_batch.training_flags(argv + extra, {})
+        auto_batch.fitting_micro_batch([ModelArguments, DataArguments, TrainArguments], argv + extra, {}, flags, 1)
+        fused[" ".join(extra)] = (sized_with[-1].liger, sized_with[-1].fused_cross_entropy)
+    assert fused == {"": (True, True), "--z_loss_coefficient 1e-4": (True, False),
+                     "--label_smoothing_factor 0.1": (True, False), "--z_loss_coefficient 0": (True, True)}

@@ -30,7 +30,7 @@ GLOBAL_HELP = ("Rows per optimizer step over all processes: sets gradient_accumu
 
 TRAINING_FLAGS = {"per_device_train_batch_size": str, "global_batch_size": int, "gradient_accumulation_steps": int,
                   "deepspeed": str, "bf16": bool, "fp16": bool, "gradient_checkpointing": bool,
-                  "use_liger_kernel": bool}
+                  "use_liger_kernel": bool, "label_smoothing_factor": str, "z_loss_coefficient": str}
 
 
 def training_flags(argv: list[str], config_values: dict) -> dict:
@@ -47,6 +47,14 @@ def training_flags(argv: list[str], config_values: dict) -> dict:
     values = {name: config_values.get(name) for name in TRAINING_FLAGS}
     values.update({name: value for name, value in vars(given).items() if value is not None})
     return values
+
+
+def _nonzero(value) -> bool:
+    """A float flag given and not 0 (a value that is not a number is left to the argument checks)."""
+    try:
+        return value is not None and float(value) != 0
+    except (TypeError, ValueError):
+        return False
 
 
 def resolve_batch_flags(dataclass_types, argv: list[str], config_values: dict):
@@ -123,9 +131,12 @@ def fitting_micro_batch(dataclass_types, argv, config_values, flags, world) -> t
     has_gqa = kernel is not None and "enable_gqa" in inspect.signature(kernel).parameters
     # as TrainArguments resolves --use_liger_kernel (default on) on a GPU: on where liger-kernel is installed
     liger = flags["use_liger_kernel"] is not False and importlib.util.find_spec("liger_kernel") is not None
+    # label smoothing and z-loss are computed from the full logits (lmtrain/training/losses.py), so with either
+    # one the logits tensor is there even where Liger is on
+    fused = liger and not (_nonzero(flags["label_smoothing_factor"]) or _nonzero(flags["z_loss_coefficient"]))
     setup = TrainingSetup(micro_batch=1, seq_length=row_length, precision="bf16" if flags["bf16"] or flags["fp16"]
                           else "fp32", num_gpus=world, gradient_checkpointing=bool(flags["gradient_checkpointing"]),
-                          fused_cross_entropy=liger, liger=liger, **attention_layout(attention, has_gqa), **fields)
+                          fused_cross_entropy=fused, liger=liger, **attention_layout(attention, has_gqa), **fields)
     from dataclasses import replace
 
     name, total = gpu
