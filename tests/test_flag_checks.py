@@ -57,3 +57,11 @@ def test_batch_size_help_mentions_auto(capsys):
     with pytest.raises(SystemExit):
         parse_arguments(TYPES, ["--help"])
     assert "or auto" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("value", ["-1e-4", "-1E-4", "-.5", "-2"])
+def test_a_negative_number_in_any_notation_is_a_value_not_a_flag(tmp_path, value):
+    # argparse alone takes -1e-4 for an unknown flag and says "expected one argument"
+    with pytest.raises(UserError, match=r"--z_loss_coefficient -.*must be 0 \(off\) or more"):
+        parse_arguments([ModelArguments, DataArguments, TrainArguments],
+                        ["--z_loss_coefficient", value, "--output_dir", str(tmp_path)])

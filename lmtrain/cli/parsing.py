@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import re
 import sys
 import dataclasses
 from dataclasses import asdict
@@ -187,12 +188,17 @@ def _given_on_command_line(parser: HfArgumentParser, argv: list[str]) -> set[str
     return set(vars(namespace))
 
 
+NEGATIVE_NUMBER = re.compile(r"^-(\d+\.?\d*|\.\d+)([eE][-+]?\d+)?$")
+
+
 class _Parser(HfArgumentParser):
     """HfArgumentParser for users: a flag is matched whole (argparse would take --max_step for --max_steps, or
     for whichever flag it abbreviates, silently), and a bad value is one message, not the usage screen."""
 
     def __init__(self, dataclass_types):
         super().__init__(dataclass_types, allow_abbrev=False)
+        # argparse reads -0.0001 as a value but -1e-4 as an unknown flag ("expected one argument")
+        self._negative_number_matcher = NEGATIVE_NUMBER
 
     def error(self, message):
         raise UserError(f"{message} (--help lists the options)")

@@ -37,7 +37,10 @@ def training_flags(argv: list[str], config_values: dict) -> dict:
     """The few training flags the choice depends on, from the config file and then the command line."""
     from transformers.hf_argparser import string_to_bool
 
+    from lmtrain.cli.parsing import NEGATIVE_NUMBER
+
     parser = argparse.ArgumentParser(add_help=False, allow_abbrev=False)
+    parser._negative_number_matcher = NEGATIVE_NUMBER   # --z_loss_coefficient -1e-4 is a value, as in the main parser
     for name, kind in TRAINING_FLAGS.items():
         if kind is bool:
             parser.add_argument(f"--{name}", type=string_to_bool, nargs="?", const=True, default=None)
