@@ -280,8 +280,12 @@ def test_trainer_loss_is_the_smoothed_cross_entropy_over_the_step(tmp_path, eps,
                           warmup_steps=0)
     trainer = build_trainer(model, None, args, Dataset.from_list(rows))
     trainer.train()
-    logged = next(row["loss"] for row in trainer.state.log_history if "loss" in row)
-    assert logged == pytest.approx(expected, rel=1e-4)
+    logged_row = next(row for row in trainer.state.log_history if "loss" in row)
+    assert logged_row["loss"] == pytest.approx(expected, rel=1e-4)
+    if z:  # the z-loss part of that loss is logged beside it
+        assert logged_row["z_loss"] == pytest.approx(expected - hand_loss(rows, logits, eps, 0.0), rel=1e-3)
+    else:
+        assert "z_loss" not in logged_row
     unsmoothed = hand_loss(rows, logits, 0.0, 0.0)
     assert abs(expected - unsmoothed) > 5e-4 * expected  # several times the tolerance: the options are seen
 

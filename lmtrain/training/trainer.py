@@ -19,7 +19,7 @@ from lmtrain.training.guards import NonFiniteStop, StepGuard
 from lmtrain.training.signals import PreemptionCallback, signal_name
 from lmtrain.data.collators import REAL_TOKENS_KEY, CountingCollator, collate_packed_blocks
 from lmtrain.model.compiling import apply_layer_options
-from lmtrain.training.losses import loss_function_for
+from lmtrain.training.losses import CausalLMLoss, loss_function_for
 from lmtrain.training.metrics import eval_figures, token_loss_stats
 from lmtrain.training.reporting import configure_reporting, log_samples
 
@@ -101,6 +101,7 @@ class LMTrainer(Trainer):
         self.guard = guard
         if guard is not None:
             self.add_callback(guard)
+        self._z_loss_logged_at = 0  # global_step of the last logged z_loss
 
     def log(self, logs: dict, *args, **kwargs):
         # Added here rather than in a callback's on_log so every reporter (TensorBoard, SwanLab) sees them.
@@ -110,6 +111,11 @@ class LMTrainer(Trainer):
             if self.guard.window_was_all_bad():
                 logs["loss"] = float("nan")
             logs.update(self.guard.metrics())
+        z_loss = self.compute_loss_func
+        if isinstance(z_loss, CausalLMLoss) and z_loss.z_loss_coefficient and "loss" in logs:
+            # the part of the logged loss that is z-loss (this process's micro-batches), so its size can be judged
+            logs["z_loss"] = z_loss.take_window_z_loss(self.state.global_step - self._z_loss_logged_at)
+            self._z_loss_logged_at = self.state.global_step
         super().log(logs, *args, **kwargs)
 
     def training_step(self, model, inputs, num_items_in_batch=None):
