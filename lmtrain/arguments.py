@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import importlib.util
 import logging
+import math
 import os
 from dataclasses import dataclass, field
 
@@ -62,7 +63,9 @@ class DataArguments:
                 "dataset, or 'shakespeare', the built-in demo corpus). Default: shakespeare. Per-source cleaning "
                 "overrides follow a colon: code=data/code/*.parquet@0.1:strip_html=false,min_chars=0 (keys: "
                 "unicode_normalization, remove_control_chars, strip_html, min_chars, max_chars, "
-                "max_duplicate_line_fraction, min_unique_word_fraction)."})
+                "max_duplicate_line_fraction, min_unique_word_fraction, languages, min_language_confidence; "
+                "several languages are joined with '+', as the options are separated by commas: "
+                "web=data/web/*.jsonl:languages=en+zh,min_language_confidence=0.9, code=...:languages=none)."})
     validation_files: list[str] | None = field(default=None, metadata={
         "help": "Raw validation files; default: a document-level split of the training sources."})
     validation_split_percentage: float = field(default=1.0, metadata={
@@ -147,10 +150,25 @@ class DataArguments:
         if (self.perplexity_model is None) != (self.max_perplexity is None):
             raise ValueError("--perplexity_model and --max_perplexity go together: the model scores, the "
                              "threshold drops")
-        if self.max_perplexity is not None and self.max_perplexity <= 1:
-            raise ValueError(f"--max_perplexity {self.max_perplexity}: a perplexity is at least 1")
-        if not 0 <= self.min_language_confidence <= 1:
+        if self.max_perplexity is not None and not (math.isfinite(self.max_perplexity) and self.max_perplexity > 1):
+            raise ValueError(f"--max_perplexity {self.max_perplexity}: a finite number above 1 (a perplexity is at "
+                             "least 1)")
+        if self.perplexity_max_tokens < 2:
+            raise ValueError(f"--perplexity_max_tokens {self.perplexity_max_tokens}: must be at least 2 (a document's "
+                             "first token is not predicted, so fewer leave nothing to score)")
+        if self.perplexity_batch_tokens < 1:
+            raise ValueError(f"--perplexity_batch_tokens {self.perplexity_batch_tokens}: must be at least 1")
+        if not 0 <= self.min_language_confidence <= 1:  # nan fails too
             raise ValueError(f"--min_language_confidence {self.min_language_confidence}: a probability in [0, 1]")
+        if (self.min_language_confidence != type(self).__dataclass_fields__["min_language_confidence"].default
+                and self.languages.strip().lower() in ("", "none")
+                and not any("languages=" in spec for spec in self.source_specs)):
+            # Per-source languages (NAME=PATH:languages=en) use it too: lmtrain/data/pipeline.py checks those.
+            raise ValueError(f"--min_language_confidence {self.min_language_confidence} applies only with a "
+                             "language filter: add --languages (e.g. --languages en,zh) or leave it out")
+        for name in ("max_duplicate_line_fraction", "min_unique_word_fraction", "near_dup_threshold"):
+            if not 0 <= getattr(self, name) <= 1:  # nan fails too
+                raise ValueError(f"--{name} {getattr(self, name)}: a fraction in [0, 1]")
         if (self.languages or self.perplexity_model) and not self.clean:
             raise ValueError("--languages / --perplexity_model are cleaning steps, and --clean false turns every "
                              "cleaning step off: drop one or the other")
@@ -260,8 +278,12 @@ class TrainArguments(TrainingArguments):
         check_training_numbers(self)
         if self.max_nonfinite_steps < 0:
             raise ValueError(f"--max_nonfinite_steps {self.max_nonfinite_steps}: must be 0 (never stop) or more")
-        if self.z_loss_coefficient < 0:
-            raise ValueError(f"--z_loss_coefficient {self.z_loss_coefficient}: must be 0 (off) or more")
+        if not (math.isfinite(self.z_loss_coefficient) and self.z_loss_coefficient >= 0):
+            raise ValueError(f"--z_loss_coefficient {self.z_loss_coefficient}: must be 0 (off) or more, and finite")
+        if not (math.isfinite(self.min_lr_ratio) and self.min_lr_ratio >= 0):
+            raise ValueError(f"--min_lr_ratio {self.min_lr_ratio}: a finite number, 0 or more")
+        if self.peak_tflops is not None and not (math.isfinite(self.peak_tflops) and self.peak_tflops > 0):
+            raise ValueError(f"--peak_tflops {self.peak_tflops}: a finite number above 0")
         if not 0 <= self.label_smoothing_factor < 1:
             raise ValueError(f"--label_smoothing_factor {self.label_smoothing_factor}: must be in [0, 1)")
         if self.stop_after_steps is not None and self.stop_after_steps < 1:
@@ -324,10 +346,13 @@ def check_training_numbers(args):
         value = getattr(args, name)
         if isinstance(value, int) and value < 1:
             raise ValueError(f"--{name} {value}: must be at least 1")
+    if not math.isfinite(args.learning_rate):
+        raise ValueError(f"--learning_rate {args.learning_rate}: must be a finite number")
     if args.learning_rate < 0:
         raise ValueError(f"--learning_rate {args.learning_rate}: must not be negative")
-    if args.num_train_epochs <= 0 and args.max_steps == -1:
-        raise ValueError(f"--num_train_epochs {args.num_train_epochs}: must be positive (or give --max_steps)")
+    if args.max_steps == -1 and not (math.isfinite(args.num_train_epochs) and args.num_train_epochs > 0):
+        raise ValueError(f"--num_train_epochs {args.num_train_epochs}: must be positive and finite (or give "
+                         "--max_steps)")
 
 
 def liger_off_under_compile(args):
@@ -515,8 +540,12 @@ class DPOTrainArguments(TrainArguments):
         if self.loss_weights is not None and len(self.loss_weights) != len(self.loss_type):
             raise ValueError(f"--loss_weights: {len(self.loss_weights)} weights for {len(self.loss_type)} "
                              f"--loss_type entries; give one per loss")
-        if self.beta <= 0:
-            raise ValueError(f"--beta {self.beta}: must be > 0")
+        if not (math.isfinite(self.beta) and self.beta > 0):
+            raise ValueError(f"--beta {self.beta}: a finite number > 0")
+        if not math.isfinite(self.label_smoothing):
+            raise ValueError(f"--label_smoothing {self.label_smoothing}: must be a finite number")
+        if any(not math.isfinite(w) for w in self.loss_weights or []):
+            raise ValueError(f"--loss_weights {' '.join(map(str, self.loss_weights))}: every weight must be finite")
         if "exo_pair" in self.loss_type and self.label_smoothing <= 0:
             raise ValueError("--loss_type exo_pair needs --label_smoothing > 0 (its epsilon; the EXO paper uses 1e-3)")
         if "robust" in self.loss_type and not 0 <= self.label_smoothing < 0.5:

@@ -26,8 +26,8 @@ from lmtrain.data.mixture import empty_sources, mixture_selection
 from lmtrain.data.packing import pack_documents, pack_validation, private_tmp
 from lmtrain.data.sources import (reraise_data_error, DataError, ReadStats, SourceSpec, read_file, read_hub_dataset,
                                   resolve_source_files)
-from lmtrain.data.quality import (check_languages, document_perplexities, load_reference_model, parse_languages,
-                                  perplexity_percentiles)
+from lmtrain.data.quality import (check_languages, check_reference_model, document_perplexities,
+                                  load_reference_model, parse_languages, perplexity_percentiles)
 from lmtrain.data.splitting import group_validation_mask, read_grouped_texts, resolve_split_field
 from lmtrain.data.tokenize import tokenize_table, tokenizer_fingerprint
 
@@ -216,20 +216,17 @@ def _find_duplicates(cleaned: datasets.Dataset, config: CleaningConfig) -> np.nd
 
 
 def _perplexities(text_source: datasets.Dataset, candidates: np.ndarray, args: DataArguments,
-                  cache_dir: Path) -> np.ndarray:
-    """Reference-model perplexity per row (nan for rows not scored), cached: scoring is the slow step."""
+                  cache_dir: Path) -> tuple[np.ndarray, str]:
+    """Reference-model perplexity per row (nan for rows not scored), cached: scoring is the slow step; and
+    'reused' or 'computed' (the cache line of the summary)."""
     model_files = sorted(Path(args.perplexity_model).glob("*")) if os.path.isdir(args.perplexity_model) else []
     stamp = [(f.name, f.stat().st_size, f.stat().st_mtime_ns) for f in model_files if f.is_file()]
     key = hashlib.sha256(json.dumps([text_source._fingerprint, os.path.abspath(args.perplexity_model), stamp,
                                      args.perplexity_max_tokens]).encode() + candidates.tobytes()).hexdigest()[:24]
     path = cache_dir / f"perplexity-{key}.npy"
     if path.exists() and not args.overwrite_cache:
-        return np.load(path)
-    try:
-        model, tokenizer = load_reference_model(args.perplexity_model)
-    except OSError as err:
-        raise DataError(f"--perplexity_model {args.perplexity_model}: not a causal LM directory with its tokenizer "
-                        f"({str(err).splitlines()[0]})") from err
+        return np.load(path), "reused"
+    model, tokenizer = load_reference_model(args.perplexity_model)  # a DataError naming the flag if unusable
     rows = np.flatnonzero(candidates)
     scores = np.full(len(candidates), np.nan)
     texts = text_source.select_columns(["text"]).with_format("arrow")
@@ -241,7 +238,30 @@ def _perplexities(text_source: datasets.Dataset, candidates: np.ndarray, args: D
     tmp = private_tmp(path).with_suffix(".npy")  # np.save appends .npy to other names
     np.save(tmp, scores)
     tmp.replace(path)
-    return scores
+    return scores, "computed"
+
+
+def check_quality_options(args: DataArguments, config: CleaningConfig, source_configs: dict, specs: list):
+    """What the quality filters would only find out after reading (and cleaning) every document, checked
+    before the first is read: language codes (a typo drops every document), a --min_language_confidence that
+    no language filter would use, and the reference model's directory, config and tokenizer."""
+    default_confidence = DataArguments.__dataclass_fields__["min_language_confidence"].default
+    named = [("--languages", config), *((f"source {name}: languages", c) for name, c in source_configs.items())]
+    for where, c in named:
+        if parse_languages(c.languages):
+            check_languages(parse_languages(c.languages), where)
+    if args.min_language_confidence != default_confidence and not any(parse_languages(c.languages)
+                                                                      for _, c in named):
+        raise DataError(f"--min_language_confidence {args.min_language_confidence} applies only with a language "
+                        "filter: add --languages (e.g. --languages en,zh) or leave it out")
+    for spec in specs:
+        own = spec.cleaning.get("min_language_confidence", default_confidence)
+        if own != default_confidence and not parse_languages(spec.cleaning_config(config).languages):
+            raise DataError(f"source {spec.name}: min_language_confidence={own} applies only with a language "
+                            "filter for that source: add languages=en (several: languages=en+zh) to it, or "
+                            "give --languages")
+    if args.perplexity_model:
+        check_reference_model(args.perplexity_model)
 
 
 def prepare_pretrain_data(args: DataArguments, tokenizer, cache_dir: str | None = None):
@@ -262,6 +282,15 @@ def prepare_pretrain_data(args: DataArguments, tokenizer, cache_dir: str | None 
     if args.validation_groups and not group_field:
         raise DataError("--validation_groups names groups of a --split_by field; pass --split_by FIELD (the demo "
                         "corpus: play) and no --validation_files")
+    config = cleaning_config(args)
+    # Per-source overrides (NAME=PATH@WEIGHT:strip_html=false); validation files use the global settings.
+    source_configs = {s.name: s.cleaning_config(config) for s in specs if s.cleaning}
+    for spec in args.validation_files or []:
+        if SourceSpec.parse(spec).cleaning:
+            raise DataError(f"--validation_files '{spec}': per-source cleaning options apply to --sources only; "
+                            "validation files are cleaned with the global flags (e.g. --strip_html false)")
+    check_quality_options(args, config, source_configs, specs)  # before reading: a mistake costs no read
+
     started, t0 = time.time(), clock()
     parts = [read_files(_source_files(spec), spec.name, args, datasets_cache, group_field) for spec in specs]
     if args.validation_files:
@@ -271,17 +300,7 @@ def prepare_pretrain_data(args: DataArguments, tokenizer, cache_dir: str | None 
     report.cache["read"] = "computed" if any(_reused(p, started) == "computed" for p in parts) else "reused"
     report.seconds["read"] = round(clock() - t0, 2)
 
-    config = cleaning_config(args)
-    # Per-source overrides (NAME=PATH@WEIGHT:strip_html=false); validation files use the global settings.
-    source_configs = {s.name: s.cleaning_config(config) for s in specs if s.cleaning}
-    for spec in args.validation_files or []:
-        if SourceSpec.parse(spec).cleaning:
-            raise DataError(f"--validation_files '{spec}': per-source cleaning options apply to --sources only; "
-                            "validation files are cleaned with the global flags (e.g. --strip_html false)")
     started, t0 = time.time(), clock()
-    for name, c in [("--languages", config), *((f"source {n}: languages", c) for n, c in source_configs.items())]:
-        if parse_languages(c.languages):
-            check_languages(parse_languages(c.languages), name)  # a typo would drop every document
     if any([c.unicode_normalization.lower() != "none" or c.remove_control_chars or c.strip_html or c.min_chars
             or c.max_chars or c.dedup_exact or c.dedup_near or parse_languages(c.languages)
             for c in [config, *source_configs.values()]]):
@@ -297,7 +316,7 @@ def prepare_pretrain_data(args: DataArguments, tokenizer, cache_dir: str | None 
     report.seconds["clean_dedup"] = round(clock() - t0, 2)
     if args.perplexity_model:
         t0 = clock()
-        scores = _perplexities(text_source, drops == "", args, cache_root)
+        scores, report.cache["perplexity"] = _perplexities(text_source, drops == "", args, cache_root)
         report.perplexity = {"model": args.perplexity_model, "max_perplexity": args.max_perplexity,
                              "scored": int(np.isfinite(scores).sum()), **perplexity_percentiles(scores)}
         drops[np.nan_to_num(scores, nan=0.0) > args.max_perplexity] = "high_perplexity"

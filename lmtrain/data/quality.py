@@ -16,8 +16,10 @@ reference model: look at the scores of known-good documents first (report.json: 
 """
 from __future__ import annotations
 
+import glob
 import logging
 import math
+import os
 import re
 
 import numpy as np
@@ -78,13 +80,110 @@ def language_drop(text: str, languages: tuple[str, ...], min_confidence: float) 
 
 # ------------------------------------------------------------------------------------------ perplexity filter
 
-def load_reference_model(model_dir: str):
-    """(model, tokenizer) of the reference LM, in evaluation mode, on the GPU when there is one."""
-    import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+def _data_error(message: str):
+    from lmtrain.data.sources import DataError
 
-    tokenizer = AutoTokenizer.from_pretrained(model_dir)
-    model = AutoModelForCausalLM.from_pretrained(model_dir)
+    return DataError(message)
+
+
+def looks_like_local_path(name: str) -> bool:
+    """Whether --perplexity_model NAME is meant as a directory rather than a hub model name: it starts with
+    '/', '.' or '~', holds a path separator other than a hub name's one '/', or holds os.sep where that is not
+    '/' (a hub name is 'name' or 'namespace/name')."""
+    return (name.startswith(("/", ".", "~")) or name.count("/") > 1
+            or any(sep and sep != "/" and sep in name for sep in (os.sep, os.altsep)))
+
+
+def _first_line(err: Exception) -> str:
+    return (str(err).strip().splitlines() or [type(err).__name__])[0]
+
+
+def _causal_lm_problem(config) -> str | None:
+    """Why `config` is not a causal LM AutoModelForCausalLM can load whole, or None when it is one."""
+    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
+
+    if config.model_type not in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES:
+        return f"its model type '{config.model_type}' has no causal-LM class in transformers"
+    causal = set(MODEL_FOR_CAUSAL_LM_MAPPING_NAMES.values())
+    other = [name for name in config.architectures or []
+             if name not in causal and not name.endswith(("ForCausalLM", "LMHeadModel"))]
+    if other:  # e.g. BertModel (no head at all) or BertForMaskedLM (a head that sees the next token)
+        return (f"config.json's architectures is {', '.join(other)}, not a causal LM (a next-token head such as "
+                f"{MODEL_FOR_CAUSAL_LM_MAPPING_NAMES[config.model_type]})")
+    return None
+
+
+PROBE_TEXT = "The quick brown fox jumps over the lazy dog."
+# The weight files save_pretrained writes (safetensors, or PyTorch's format), whole or sharded.
+WEIGHT_FILES = ("model.safetensors", "model-*-of-*.safetensors", "model.safetensors.index.json", "pytorch_model.bin",
+                "pytorch_model-*-of-*.bin", "pytorch_model.bin.index.json")
+
+
+def check_reference_model(name: str, flag: str = "--perplexity_model"):
+    """The cheap checks of a reference model, before any document is read: the directory exists (a hub name
+    is looked up), its config is a causal LM's, its tokenizer loads, encodes text and fits the vocabulary.
+    Returns (config, tokenizer). The weights are checked when they are loaded (load_reference_model)."""
+    from transformers import AutoConfig, AutoTokenizer
+
+    where = f"{flag} {name}"
+    local = os.path.isdir(name)
+    if not local:
+        if os.path.exists(name):
+            raise _data_error(f"{where}: not a directory (give the directory of a causal LM saved with its "
+                              "tokenizer: model.save_pretrained(DIR), tokenizer.save_pretrained(DIR))")
+        if looks_like_local_path(name):
+            raise _data_error(f"{flag}: no such directory: {name}")
+    elif not os.path.isfile(os.path.join(name, "config.json")):
+        holds = "a tokenizer but no model" if os.path.isfile(os.path.join(name, "tokenizer_config.json")) else \
+            ("nothing" if not os.listdir(name) else "no model")
+        raise _data_error(f"{where}: the directory holds {holds} (no config.json); give a causal LM directory with "
+                          "its tokenizer (model.save_pretrained(DIR), tokenizer.save_pretrained(DIR))")
+    try:
+        config = AutoConfig.from_pretrained(name)
+    except (OSError, ValueError) as err:  # unreadable config.json, no model_type, offline, unknown hub name
+        what = "not a causal LM directory with its tokenizer" if local else \
+            "no such directory, and no hub model of that name could be loaded"
+        raise _data_error(f"{where}: {what} ({_first_line(err)})") from err
+    problem = _causal_lm_problem(config)
+    if problem:
+        raise _data_error(f"{where}: {problem}; the perplexity filter needs a causal language model")
+    if local and not any(glob.glob(os.path.join(glob.escape(name), pattern)) for pattern in WEIGHT_FILES):
+        raise _data_error(f"{where}: the directory holds a config.json but no weights ({WEIGHT_FILES[0]}); give "
+                          "the directory the model was saved to (model.save_pretrained(DIR))")
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(name)
+    except (OSError, ValueError, TypeError) as err:
+        raise _data_error(f"{where}: its tokenizer cannot be loaded ({_first_line(err)}); save it next to the "
+                          "model: tokenizer.save_pretrained(DIR)") from err
+    if not tokenizer(PROBE_TEXT, add_special_tokens=False)["input_ids"]:
+        raise _data_error(f"{where}: its tokenizer turns text into no tokens (a directory without tokenizer "
+                          "files?); save the model's tokenizer next to it: tokenizer.save_pretrained(DIR)")
+    vocab_size = getattr(config.get_text_config(), "vocab_size", None)
+    if vocab_size and len(tokenizer) > vocab_size:
+        raise _data_error(f"{where}: its tokenizer has {len(tokenizer)} tokens, more than the model's "
+                          f"{vocab_size} embeddings: not the tokenizer the model was trained with")
+    return config, tokenizer
+
+
+def load_reference_model(model_dir: str, flag: str = "--perplexity_model"):
+    """(model, tokenizer) of the reference LM, in evaluation mode, on the GPU when there is one. Refused with
+    a DataError naming `flag` when it is no causal LM, or when weights of the model are not in the checkpoint
+    (transformers initialises them at random: a BertModel loaded as BertLMHeadModel gets a random head, and
+    every score would be about the vocabulary size)."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    _, tokenizer = check_reference_model(model_dir, flag)
+    try:
+        model, info = AutoModelForCausalLM.from_pretrained(model_dir, output_loading_info=True)
+    except (OSError, ValueError) as err:  # no weights file, a truncated one, shapes that do not match
+        raise _data_error(f"{flag} {model_dir}: its weights cannot be loaded ({_first_line(err)})") from err
+    missing = sorted(info.get("missing_keys") or [])
+    if missing:
+        shown = ", ".join(missing[:4]) + (f" and {len(missing) - 4} more" if len(missing) > 4 else "")
+        raise _data_error(f"{flag} {model_dir}: the checkpoint lacks weights of {type(model).__name__} ({shown}), "
+                          "which would be initialised at random and make every score meaningless; give a causal LM "
+                          "saved with its language-model head")
     model.to("cuda" if torch.cuda.is_available() else "cpu").eval()
     return model, tokenizer
 

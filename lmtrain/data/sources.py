@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import glob
+import itertools
 import json
 import logging
 import os
@@ -49,6 +50,11 @@ def reraise_data_error(err: Exception):
 # Per-source cleaning options end a source spec: `:key=value,key=value`. Every option holds a `=`, which
 # neither a hub config (`name:config`) nor a Windows drive (`C:\\data`) does after its colon.
 _SOURCE_OPTIONS = re.compile(r":([\w.-]+=[^,:=@]*(?:,[\w.-]+=[^,:=@]*)*)$")
+# What a malformed option list looks like (an item without `=`, e.g. `languages=en,zh`): `:key=` at the end
+# of the spec with a per-source key, so a file or hub name that merely holds `:` and `=` is not taken for one.
+_LOOSE_SOURCE_OPTIONS = re.compile(r":([\w.-]+)=([^:@]*)$")
+# Per-source options that are fractions or probabilities, checked like their global flags.
+_UNIT_INTERVAL_KEYS = ("max_duplicate_line_fraction", "min_unique_word_fraction", "min_language_confidence")
 _TRUE, _FALSE = {"true", "1", "yes", "on"}, {"false", "0", "no", "off"}
 
 
@@ -67,6 +73,8 @@ class SourceSpec:
         """`[NAME=]PATH[@WEIGHT][:key=value,...]` (PATH: file, glob, directory, hub name), e.g.
         `code=data/code/*.parquet@0.1:strip_html=false,min_chars=0`."""
         options = _SOURCE_OPTIONS.search(spec)
+        if not options:
+            _check_malformed_options(spec)
         body = spec[:options.start()] if options else spec
         name, _, rest = body.partition("=") if "=" in body.split("@")[0] else ("", "", body)
         location, _, weight = rest.rpartition("@") if "@" in rest else (rest, "", "1")
@@ -85,6 +93,28 @@ class SourceSpec:
     def cleaning_config(self, base):
         """`base` (the global CleaningConfig) with this source's overrides."""
         return dataclasses.replace(base, **self.cleaning) if self.cleaning else base
+
+
+def _check_malformed_options(spec: str):
+    """A spec ending in per-source options that are not `key=value,key=value` would be read as part of the
+    path ('in.jsonl:languages=en,zh does not exist'): say what is wrong with the options instead."""
+    from lmtrain.data.cleaning import PER_SOURCE_KEYS
+
+    loose = _LOOSE_SOURCE_OPTIONS.search(spec)
+    if not loose or loose.group(1) not in PER_SOURCE_KEYS:
+        return
+    items = f"{loose.group(1)}={loose.group(2)}".split(",")
+    key, start = None, 0
+    for index, item in enumerate(items):
+        if "=" in item:
+            key, start = item.partition("=")[0], index
+        elif key == "languages":
+            codes = [items[start].partition("=")[2], *itertools.takewhile(lambda i: "=" not in i, items[start + 1:])]
+            raise DataError(f"source '{spec}': per-source options are separated by commas, so join several "
+                            f"languages with '+': languages={'+'.join(code.strip() for code in codes)}")
+        else:
+            raise DataError(f"source '{spec}': per-source option '{item}' is not key=value (options follow the "
+                            "colon as key=value,key=value)")
 
 
 def _parse_cleaning_options(spec: str, text: str) -> dict:
@@ -110,6 +140,9 @@ def _parse_cleaning_options(spec: str, text: str) -> dict:
             raise DataError(f"source '{spec}': cleaning option {key}={value!r} is not {expected}") from None
         if key == "unicode_normalization" and parsed.lower() not in ("nfc", "nfkc", "none"):
             raise DataError(f"source '{spec}': unicode_normalization must be NFC, NFKC or none")
+        if key in _UNIT_INTERVAL_KEYS and not 0 <= parsed <= 1:  # nan fails too
+            what = "a probability" if key == "min_language_confidence" else "a fraction"
+            raise DataError(f"source '{spec}': {key}={value}: {what} in [0, 1]")
         options[key] = parsed
     return options
 
