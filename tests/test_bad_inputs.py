@@ -168,3 +168,22 @@ def test_validation_split_too_small_for_a_block_is_left_out(write_jsonl, prepare
                                    drop_remainder=True, validation_split_percentage=5)
     assert report.documents_kept["validation"] > 0 and report.blocks["validation"] == 0
     assert set(dataset) == {"train"}
+
+
+def test_hub_dataset_names_are_not_taken_for_missing_files(tmp_path, monkeypatch):
+    """`org/name` and `org/name:config` are hub datasets (the README's wikimedia/wikipedia:20231101.en);
+    something that can only be a path must exist. A hub dataset that cannot be loaded (offline here) is one
+    message naming it, not a traceback."""
+    from lmtrain.data.sources import ReadStats, expand_location, read_hub_records
+
+    monkeypatch.chdir(tmp_path)
+    for name in ("wikimedia/wikipedia:20231101.en", "HuggingFaceFW/fineweb-edu", "roneneldan/TinyStories"):
+        assert expand_location(name) is None
+    (tmp_path / "data").mkdir()
+    for path in ("data/web", "./web.jsonl", str(tmp_path / "nope"), "a/b/c", "web.jsonl"):
+        with pytest.raises(DataError, match="does not exist"):
+            expand_location(path)
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
+    with pytest.raises(DataError, match=r"hub dataset 'nobody/no-such-dataset:en' .*could not be loaded"):
+        next(read_hub_records("nobody/no-such-dataset:en", "train", ReadStats()))

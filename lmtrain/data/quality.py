@@ -24,6 +24,8 @@ import re
 
 import numpy as np
 
+from lmtrain.locations import looks_local
+
 logger = logging.getLogger(__name__)
 
 # Characters of a document the language identifier reads: enough for a confident answer, and a bound on
@@ -86,14 +88,6 @@ def _data_error(message: str):
     return DataError(message)
 
 
-def looks_like_local_path(name: str) -> bool:
-    """Whether --perplexity_model NAME is meant as a directory rather than a hub model name: it starts with
-    '/', '.' or '~', holds a path separator other than a hub name's one '/', or holds os.sep where that is not
-    '/' (a hub name is 'name' or 'namespace/name')."""
-    return (name.startswith(("/", ".", "~")) or name.count("/") > 1
-            or any(sep and sep != "/" and sep in name for sep in (os.sep, os.altsep)))
-
-
 def _first_line(err: Exception) -> str:
     return (str(err).strip().splitlines() or [type(err).__name__])[0]
 
@@ -131,7 +125,7 @@ def check_reference_model(name: str, flag: str = "--perplexity_model"):
         if os.path.exists(name):
             raise _data_error(f"{where}: not a directory (give the directory of a causal LM saved with its "
                               "tokenizer: model.save_pretrained(DIR), tokenizer.save_pretrained(DIR))")
-        if looks_like_local_path(name):
+        if looks_local(name):
             raise _data_error(f"{flag}: no such directory: {name}")
     elif not os.path.isfile(os.path.join(name, "config.json")):
         holds = "a tokenizer but no model" if os.path.isfile(os.path.join(name, "tokenizer_config.json")) else \

@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Iterator
 
 from lmtrain.errors import UserError
+from lmtrain.locations import looks_local
 
 logger = logging.getLogger(__name__)
 
@@ -182,7 +183,8 @@ def expand_location(location: str) -> list[str] | None:
         if not files:
             raise DataError(f"directory '{location}' holds no {sorted(TEXT_SUFFIXES)} files")
         return files
-    if path.suffix.lower() in TEXT_SUFFIXES or os.sep in location or location.startswith("."):
+    # a hub dataset is `name`, `org/name` or either with `:config` (wikimedia/wikipedia:20231101.en)
+    if path.suffix.lower() in TEXT_SUFFIXES or looks_local(location):
         if not path.exists():
             raise DataError(f"file '{location}' does not exist")
         return [location]
@@ -319,7 +321,12 @@ def read_hub_records(name: str, split: str, stats: ReadStats, required_column: s
             dataset = dataset[split]
     else:
         repo, _, config = name.partition(":")
-        dataset = datasets.load_dataset(repo, config or None, split=split, streaming=True)
+        try:
+            dataset = datasets.load_dataset(repo, config or None, split=split, streaming=True)
+        except Exception as err:  # offline, no such repository or config, no access: the user's to fix
+            first = (str(err).strip().splitlines() or [type(err).__name__])[0]
+            raise DataError(f"hub dataset '{name}' (not a local path: no such file or directory here) could not "
+                            f"be loaded: {type(err).__name__}: {first}") from None
     columns = dataset.column_names or []
     if required_column and columns and required_column not in columns:
         raise DataError(f"dataset '{name}': no column '{required_column}'; columns: {', '.join(columns)}")
