@@ -87,6 +87,21 @@ def test_resume_after_planned_stop_reproduces_uninterrupted_losses(corpus_and_to
         assert got[step] == expected[step], f"step {step}: resumed {got[step]} != uninterrupted {expected[step]}"
 
 
+def test_resumed_run_logs_the_same_z_loss_as_an_uninterrupted_one(corpus_and_tokenizer, tmp_path):
+    # z_loss is a window mean over optimizer steps: a resumed run's first window starts at the resumed step
+    root, corpus, tokenizer_dir = corpus_and_tokenizer
+    steps = ["--max_steps", "6", "--z_loss_coefficient", "1e-3"]
+    reference, _ = pretrain.main(base_args(root, corpus, tokenizer_dir, tmp_path / "straight", *steps))
+    interrupted = tmp_path / "interrupted"
+    pretrain.main(base_args(root, corpus, tokenizer_dir, interrupted, *steps, "--stop_after_steps", "3"))
+    resumed, _ = pretrain.main(base_args(root, corpus, tokenizer_dir, interrupted, *steps))
+    z_of = lambda trainer: {row["step"]: row["z_loss"] for row in trainer.state.log_history if "z_loss" in row}
+    expected, got = z_of(reference), z_of(resumed)
+    assert sorted(expected) == list(range(1, 7)) and all(value > 0 for value in expected.values())
+    for step in range(4, 7):
+        assert got[step] == pytest.approx(expected[step], rel=1e-5), f"step {step}"
+
+
 def test_non_empty_output_dir_without_checkpoint_is_refused(corpus_and_tokenizer, tmp_path):
     root, corpus, tokenizer_dir = corpus_and_tokenizer
     out = tmp_path / "busy"

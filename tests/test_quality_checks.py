@@ -86,6 +86,17 @@ def test_a_checkpoint_missing_weights_of_the_model_is_refused(model_dirs):
     assert not model.training and len(tokenizer) <= model.config.vocab_size
 
 
+def test_a_truncated_weights_file_is_one_message(model_dirs, tmp_path):
+    import shutil
+
+    truncated = tmp_path / "truncated"
+    shutil.copytree(model_dirs["good"], truncated)
+    weights = truncated / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:1000])   # an interrupted copy: safetensors' own error type
+    with pytest.raises(DataError, match="its weights cannot be loaded"):
+        load_reference_model(str(truncated))
+
+
 def test_missing_paths_are_no_such_directory_and_hub_names_stay_names(tmp_path):
     for path in ("/does/not/exist", "./reference_lm", "~/models/lm", "outputs/runs/reference"):
         assert looks_local(path)

@@ -170,7 +170,7 @@ def load_reference_model(model_dir: str, flag: str = "--perplexity_model"):
     _, tokenizer = check_reference_model(model_dir, flag)
     try:
         model, info = AutoModelForCausalLM.from_pretrained(model_dir, output_loading_info=True)
-    except (OSError, ValueError) as err:  # no weights file, a truncated one, shapes that do not match
+    except Exception as err:  # no weights file, a truncated one (safetensors' own error), shapes that do not match
         raise _data_error(f"{flag} {model_dir}: its weights cannot be loaded ({_first_line(err)})") from err
     missing = sorted(info.get("missing_keys") or [])
     if missing:

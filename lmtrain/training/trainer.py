@@ -101,7 +101,7 @@ class LMTrainer(Trainer):
         self.guard = guard
         if guard is not None:
             self.add_callback(guard)
-        self._z_loss_logged_at = 0  # global_step of the last logged z_loss
+        self._z_loss_logged_at = None  # global_step of the last logged z_loss (set when training starts)
 
     def log(self, logs: dict, *args, **kwargs):
         # Added here rather than in a callback's on_log so every reporter (TensorBoard, SwanLab) sees them.
@@ -114,11 +114,13 @@ class LMTrainer(Trainer):
         z_loss = self.compute_loss_func
         if isinstance(z_loss, CausalLMLoss) and z_loss.z_loss_coefficient and "loss" in logs:
             # the part of the logged loss that is z-loss (this process's micro-batches), so its size can be judged
-            logs["z_loss"] = z_loss.take_window_z_loss(self.state.global_step - self._z_loss_logged_at)
+            logs["z_loss"] = z_loss.take_window_z_loss(self.state.global_step - (self._z_loss_logged_at or 0))
             self._z_loss_logged_at = self.state.global_step
         super().log(logs, *args, **kwargs)
 
     def training_step(self, model, inputs, num_items_in_batch=None):
+        if self._z_loss_logged_at is None:  # the first step of this run: a resumed run's window starts here
+            self._z_loss_logged_at = self.state.global_step
         loss = super().training_step(model, inputs, num_items_in_batch)
         if self.guard is not None:
             self.guard.note_loss(loss)
