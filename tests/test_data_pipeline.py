@@ -443,3 +443,24 @@ def test_two_jobs_preparing_into_one_cache_at_once_both_succeed(write_jsonl, tin
     first, second = (datasets.load_from_disk(str(tmp_path / f"out{i}")) for i in range(2))
     assert first["train"]["input_ids"] == second["train"]["input_ids"]
     assert not list(cache.glob("*.tmp"))
+
+
+def test_a_source_the_mixture_cannot_serve_is_warned_about(caplog):
+    """Only whole documents are taken: a source whose one document is larger than its share gets no tokens,
+    and a tiny source is repeated many times; both are said, not left to the report."""
+    import logging
+
+    import numpy as np
+
+    from lmtrain.data.mixture import mixture_selection
+
+    sources = np.array(["web"] * 100 + ["books"] + ["zh"])
+    num_tokens = np.array([100] * 100 + [5000] + [10])
+    with caplog.at_level(logging.WARNING, logger="lmtrain.data.mixture"):
+        _, per_source = mixture_selection(sources, num_tokens, np.arange(len(sources)),
+                                          {"web": 0.8, "books": 0.15, "zh": 0.05}, 10_000, np.random.default_rng(0))
+    assert per_source["books"]["train_tokens"] == 0
+    messages = [record.getMessage() for record in caplog.records]
+    assert any("source 'books': weight share 0.150 but token share 0.000" in m for m in messages)
+    assert any("source 'zh': repeated 50.0 times" in m for m in messages)
+    assert not any("'web'" in m for m in messages)

@@ -9,7 +9,7 @@ import numpy as np
 from lmtrain.data.sources import DataError, SourceSpec
 
 logger = logging.getLogger(__name__)
-
+REPEAT_WARNING = 10  # passes over one source's data beyond which the repetition is said out loud
 
 
 def mixture_selection(sources: np.ndarray, num_tokens: np.ndarray, candidates: np.ndarray,
@@ -41,8 +41,19 @@ def mixture_selection(sources: np.ndarray, num_tokens: np.ndarray, candidates: n
     if len(weights) > 1:
         indices = rng.permutation(indices)  # interleave sources so every block sees the mixture
     total = sum(s["train_tokens"] for s in per_source.values()) or 1
-    for info in per_source.values():
+    for name, info in per_source.items():
         info["achieved_share"] = info["train_tokens"] / total
+        # Whole documents are taken, up to the target: a source whose documents are each larger than its share
+        # of the tokens gets none of them, which is not what its weight asked for.
+        if info["achieved_share"] < info["target_share"] / 2:
+            logger.warning("source '%s': weight share %.3f but token share %.3f (%d tokens): its documents are "
+                           "larger than its share of the %d training tokens, and only whole documents are taken. "
+                           "Raise its weight or the data of the other sources, or split its documents.", name,
+                           info["target_share"], info["achieved_share"], info["train_tokens"], total_tokens)
+        elif info["epochs"] >= REPEAT_WARNING:
+            logger.warning("source '%s': repeated %.1f times to reach its weight share %.3f (it holds %d tokens): "
+                           "the model will see its documents that often", name, info["epochs"],
+                           info["target_share"], info["held_tokens"])
     return indices, per_source
 
 
