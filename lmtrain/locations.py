@@ -108,13 +108,9 @@ def load_from(loader, name: str, what: str = "--model", *args, needs: tuple[str,
     """`loader(name, *args, **kwargs)` (e.g. `AutoConfig.from_pretrained`) after `check_location`; a failed
     hub download or a broken directory becomes one UserError instead of chained tracebacks."""
     name = check_location(name, what, needs, kind)
-    unreachable = None
-    if not looks_local(name) and not _offline() and not kwargs.get("local_files_only"):
-        # huggingface_hub retries an unreachable hub for about a minute per file before falling back to its
-        # cache; one quick connection attempt decides whether to go straight to the cache instead.
-        unreachable = _hub_unreachable()
-        if unreachable:
-            kwargs["local_files_only"] = True
+    unreachable = None if kwargs.get("local_files_only") else hub_unreachable_for(name)
+    if unreachable:
+        kwargs["local_files_only"] = True
     try:
         return loader(name, *args, **kwargs)
     except OSError as error:  # transformers reports hub and file problems as OSError (EnvironmentError)
@@ -127,6 +123,15 @@ def load_from(loader, name: str, what: str = "--model", *args, needs: tuple[str,
                             f"hold it") from error
         raise UserError(f"{what}: no such directory: {name}, and could not load '{name}' from the hub "
                         f"(offline?): {first}") from error
+
+
+def hub_unreachable_for(name: str) -> str | None:
+    """Why the hub cannot be reached for `name`, or None: it is local, offline mode is set, or the hub answers.
+    huggingface_hub retries an unreachable hub for about a minute per file (retry warnings included) before
+    falling back to its cache; one quick connection attempt decides whether to go straight to the cache."""
+    if looks_local(name) or _offline():
+        return None
+    return _hub_unreachable()
 
 
 def _hub_unreachable(timeout: float = 3.0) -> str | None:

@@ -187,3 +187,23 @@ def test_hub_dataset_names_are_not_taken_for_missing_files(tmp_path, monkeypatch
     monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
     with pytest.raises(DataError, match=r"hub dataset 'nobody/no-such-dataset:en' .*could not be loaded"):
         next(read_hub_records("nobody/no-such-dataset:en", "train", ReadStats()))
+
+
+def test_an_unreachable_hub_fails_at_once_without_offline_mode(monkeypatch):
+    """Without HF_HUB_OFFLINE on a machine with no hub, huggingface_hub retries for about a minute: one quick
+    connection check goes straight to one message (sources) or to the cache (the perplexity model)."""
+    import time
+
+    from lmtrain import locations
+    from lmtrain.data.quality import check_reference_model
+    from lmtrain.data.sources import ReadStats, read_hub_records
+
+    for variable in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE"):
+        monkeypatch.delenv(variable, raising=False)
+    monkeypatch.setattr(locations, "_hub_unreachable", lambda timeout=3.0: "https://huggingface.co: no route")
+    start = time.monotonic()
+    with pytest.raises(DataError, match=r"hub dataset 'someorg/somedata' .*cannot be reached from here"):
+        next(read_hub_records("someorg/somedata", "train", ReadStats()))
+    with pytest.raises(DataError, match="--perplexity_model someorg/somemodel: no such directory, and no hub"):
+        check_reference_model("someorg/somemodel")
+    assert time.monotonic() - start < 20

@@ -24,7 +24,7 @@ import re
 
 import numpy as np
 
-from lmtrain.locations import looks_local
+from lmtrain.locations import hub_unreachable_for, looks_local
 
 logger = logging.getLogger(__name__)
 
@@ -132,8 +132,10 @@ def check_reference_model(name: str, flag: str = "--perplexity_model"):
             ("nothing" if not os.listdir(name) else "no model")
         raise _data_error(f"{where}: the directory holds {holds} (no config.json); give a causal LM directory with "
                           "its tokenizer (model.save_pretrained(DIR), tokenizer.save_pretrained(DIR))")
+    # an unreachable hub: straight to the Hugging Face cache, not a minute of retries per file
+    cache_only = {"local_files_only": True} if not local and hub_unreachable_for(name) else {}
     try:
-        config = AutoConfig.from_pretrained(name)
+        config = AutoConfig.from_pretrained(name, **cache_only)
     except (OSError, ValueError) as err:  # unreadable config.json, no model_type, offline, unknown hub name
         what = "not a causal LM directory with its tokenizer" if local else \
             "no such directory, and no hub model of that name could be loaded"
@@ -145,7 +147,7 @@ def check_reference_model(name: str, flag: str = "--perplexity_model"):
         raise _data_error(f"{where}: the directory holds a config.json but no weights ({WEIGHT_FILES[0]}); give "
                           "the directory the model was saved to (model.save_pretrained(DIR))")
     try:
-        tokenizer = AutoTokenizer.from_pretrained(name)
+        tokenizer = AutoTokenizer.from_pretrained(name, **cache_only)
     except (OSError, ValueError, TypeError) as err:
         raise _data_error(f"{where}: its tokenizer cannot be loaded ({_first_line(err)}); save it next to the "
                           "model: tokenizer.save_pretrained(DIR)") from err
@@ -169,7 +171,8 @@ def load_reference_model(model_dir: str, flag: str = "--perplexity_model"):
 
     _, tokenizer = check_reference_model(model_dir, flag)
     try:
-        model, info = AutoModelForCausalLM.from_pretrained(model_dir, output_loading_info=True)
+        cache_only = {"local_files_only": True} if hub_unreachable_for(model_dir) else {}
+        model, info = AutoModelForCausalLM.from_pretrained(model_dir, output_loading_info=True, **cache_only)
     except Exception as err:  # no weights file, a truncated one (safetensors' own error), shapes that do not match
         raise _data_error(f"{flag} {model_dir}: its weights cannot be loaded ({_first_line(err)})") from err
     missing = sorted(info.get("missing_keys") or [])

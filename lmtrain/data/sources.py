@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import Iterator
 
 from lmtrain.errors import UserError
-from lmtrain.locations import looks_local
+from lmtrain.locations import hub_unreachable_for, looks_local
 
 logger = logging.getLogger(__name__)
 
@@ -285,6 +285,15 @@ def read_parquet_records(path: str, stats: ReadStats, columns: list[str] | None 
 HELD_OUT_SPLITS = ("validation", "test")
 
 
+def _check_hub_reachable(name: str):
+    """A hub dataset is read from the hub itself (streamed; its split names too): when the hub cannot be
+    reached, one message now instead of a minute of retries per request."""
+    unreachable = hub_unreachable_for(name.partition(":")[0])
+    if unreachable:
+        raise DataError(f"hub dataset '{name}' (not a local path: no such file or directory here) cannot be read: "
+                        f"the hub cannot be reached from here ({unreachable})")
+
+
 def held_out_split(name: str) -> str:
     """The split --validation_files reads of a hub dataset (`name` or `name:config`) or a save_to_disk
     directory: its validation or test split. Never train: the held-out figures would be training pairs'."""
@@ -296,6 +305,7 @@ def held_out_split(name: str) -> str:
             splits = json.load(handle)["splits"]
     else:
         repo, _, config = name.partition(":")
+        _check_hub_reachable(name)
         try:
             import datasets
 
@@ -321,6 +331,7 @@ def read_hub_records(name: str, split: str, stats: ReadStats, required_column: s
             dataset = dataset[split]
     else:
         repo, _, config = name.partition(":")
+        _check_hub_reachable(name)
         try:
             dataset = datasets.load_dataset(repo, config or None, split=split, streaming=True)
         except Exception as err:  # offline, no such repository or config, no access: the user's to fix
