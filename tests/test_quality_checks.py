@@ -131,6 +131,8 @@ def no_reading(monkeypatch):
      r"^--min_language_confidence 0.9 applies only with a language filter"),
     (dict(sources="all={path}:min_language_confidence=0.9"),
      r"^source all: min_language_confidence=0.9 applies only with a language filter"),
+    (dict(sources="all={path}:languages=fr", clean=False),
+     r"^source all: languages is a cleaning step, and --clean false turns every cleaning step off"),
 ])
 def test_quality_options_are_checked_before_any_document_is_read(model_dirs, write_jsonl, prepare_data, no_reading,
                                                                   options, message):

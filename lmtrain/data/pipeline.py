@@ -250,6 +250,12 @@ def check_quality_options(args: DataArguments, config: CleaningConfig, source_co
     for where, c in named:
         if parse_languages(c.languages):
             check_languages(parse_languages(c.languages), where)
+    if not args.clean:
+        for spec in specs:
+            given = [key for key in ("languages", "min_language_confidence") if key in spec.cleaning]
+            if given:
+                raise DataError(f"source {spec.name}: {'/'.join(given)} is a cleaning step, and --clean false turns "
+                                "every cleaning step off: drop one or the other")
     if args.min_language_confidence != default_confidence and not any(parse_languages(c.languages)
                                                                       for _, c in named):
         raise DataError(f"--min_language_confidence {args.min_language_confidence} applies only with a language "
