@@ -19,6 +19,12 @@ class UserError(ValueError):
     """A mistake in what the user gave us; printed as one message, without a traceback."""
 
 
+def first_line(error: BaseException) -> str:
+    """The first line of an exception's message (its type's name when it has none): the part of a library's
+    many-line error that goes into one UserError line."""
+    return (str(error).strip().splitlines() or [type(error).__name__])[0]
+
+
 def run_entry_point(main, argv=None):
     """`if __name__ == "__main__": run_entry_point(main)`: one message and a non-zero exit for user errors
     and Ctrl-C, the full traceback for anything else (and for everything with LMTRAIN_DEBUG=1)."""

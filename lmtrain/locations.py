@@ -12,7 +12,7 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-from lmtrain.errors import UserError
+from lmtrain.errors import UserError, first_line
 
 # What makes a directory a model, a tokenizer or a LoRA adapter (any one of the files is enough).
 MODEL_FILES = ("config.json",)
@@ -114,7 +114,7 @@ def load_from(loader, name: str, what: str = "--model", *args, needs: tuple[str,
     try:
         return loader(name, *args, **kwargs)
     except OSError as error:  # transformers reports hub and file problems as OSError (EnvironmentError)
-        first = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        first = first_line(error)
         if looks_local(name):
             raise UserError(f"{what}: could not load the {kind} in {name}: {first}") from error
         if unreachable:

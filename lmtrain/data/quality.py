@@ -24,6 +24,8 @@ import re
 
 import numpy as np
 
+from lmtrain.data.sources import DataError
+from lmtrain.errors import first_line
 from lmtrain.locations import hub_unreachable_for, looks_local
 
 logger = logging.getLogger(__name__)
@@ -48,8 +50,6 @@ def language_identifier():
         try:
             from py3langid.langid import MODEL_FILE, LanguageIdentifier
         except ImportError as err:
-            from lmtrain.data.sources import DataError
-
             raise DataError("--languages needs the py3langid package: pip install -r requirements.txt") from err
         _IDENTIFIER = LanguageIdentifier.from_model_file(MODEL_FILE, norm_probs=True)
     return _IDENTIFIER
@@ -82,16 +82,6 @@ def language_drop(text: str, languages: tuple[str, ...], min_confidence: float) 
 
 # ------------------------------------------------------------------------------------------ perplexity filter
 
-def _data_error(message: str):
-    from lmtrain.data.sources import DataError
-
-    return DataError(message)
-
-
-def _first_line(err: Exception) -> str:
-    return (str(err).strip().splitlines() or [type(err).__name__])[0]
-
-
 def _causal_lm_problem(config) -> str | None:
     """Why `config` is not a causal LM AutoModelForCausalLM can load whole, or None when it is one."""
     from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
@@ -117,20 +107,27 @@ def check_reference_model(name: str, flag: str = "--perplexity_model"):
     """The cheap checks of a reference model, before any document is read: the directory exists (a hub name
     is looked up), its config is a causal LM's, its tokenizer loads, encodes text and fits the vocabulary.
     Returns (config, tokenizer). The weights are checked when they are loaded (load_reference_model)."""
+    config, tokenizer, _ = _checked_reference_model(name, flag)
+    return config, tokenizer
+
+
+def _checked_reference_model(name: str, flag: str):
+    """check_reference_model's work, plus the from_pretrained options the weights are then loaded with (the
+    one hub reachability check of the load)."""
     from transformers import AutoConfig, AutoTokenizer
 
     where = f"{flag} {name}"
     local = os.path.isdir(name)
     if not local:
         if os.path.exists(name):
-            raise _data_error(f"{where}: not a directory (give the directory of a causal LM saved with its "
+            raise DataError(f"{where}: not a directory (give the directory of a causal LM saved with its "
                               "tokenizer: model.save_pretrained(DIR), tokenizer.save_pretrained(DIR))")
         if looks_local(name):
-            raise _data_error(f"{flag}: no such directory: {name}")
+            raise DataError(f"{flag}: no such directory: {name}")
     elif not os.path.isfile(os.path.join(name, "config.json")):
         holds = "a tokenizer but no model" if os.path.isfile(os.path.join(name, "tokenizer_config.json")) else \
             ("nothing" if not os.listdir(name) else "no model")
-        raise _data_error(f"{where}: the directory holds {holds} (no config.json); give a causal LM directory with "
+        raise DataError(f"{where}: the directory holds {holds} (no config.json); give a causal LM directory with "
                           "its tokenizer (model.save_pretrained(DIR), tokenizer.save_pretrained(DIR))")
     # an unreachable hub: straight to the Hugging Face cache, not a minute of retries per file
     cache_only = {"local_files_only": True} if not local and hub_unreachable_for(name) else {}
@@ -139,26 +136,26 @@ def check_reference_model(name: str, flag: str = "--perplexity_model"):
     except (OSError, ValueError) as err:  # unreadable config.json, no model_type, offline, unknown hub name
         what = "not a causal LM directory with its tokenizer" if local else \
             "no such directory, and no hub model of that name could be loaded"
-        raise _data_error(f"{where}: {what} ({_first_line(err)})") from err
+        raise DataError(f"{where}: {what} ({first_line(err)})") from err
     problem = _causal_lm_problem(config)
     if problem:
-        raise _data_error(f"{where}: {problem}; the perplexity filter needs a causal language model")
+        raise DataError(f"{where}: {problem}; the perplexity filter needs a causal language model")
     if local and not any(glob.glob(os.path.join(glob.escape(name), pattern)) for pattern in WEIGHT_FILES):
-        raise _data_error(f"{where}: the directory holds a config.json but no weights ({WEIGHT_FILES[0]}); give "
+        raise DataError(f"{where}: the directory holds a config.json but no weights ({WEIGHT_FILES[0]}); give "
                           "the directory the model was saved to (model.save_pretrained(DIR))")
     try:
         tokenizer = AutoTokenizer.from_pretrained(name, **cache_only)
     except (OSError, ValueError, TypeError) as err:
-        raise _data_error(f"{where}: its tokenizer cannot be loaded ({_first_line(err)}); save it next to the "
+        raise DataError(f"{where}: its tokenizer cannot be loaded ({first_line(err)}); save it next to the "
                           "model: tokenizer.save_pretrained(DIR)") from err
     if not tokenizer(PROBE_TEXT, add_special_tokens=False)["input_ids"]:
-        raise _data_error(f"{where}: its tokenizer turns text into no tokens (a directory without tokenizer "
+        raise DataError(f"{where}: its tokenizer turns text into no tokens (a directory without tokenizer "
                           "files?); save the model's tokenizer next to it: tokenizer.save_pretrained(DIR)")
     vocab_size = getattr(config.get_text_config(), "vocab_size", None)
     if vocab_size and len(tokenizer) > vocab_size:
-        raise _data_error(f"{where}: its tokenizer has {len(tokenizer)} tokens, more than the model's "
+        raise DataError(f"{where}: its tokenizer has {len(tokenizer)} tokens, more than the model's "
                           f"{vocab_size} embeddings: not the tokenizer the model was trained with")
-    return config, tokenizer
+    return config, tokenizer, cache_only
 
 
 def load_reference_model(model_dir: str, flag: str = "--perplexity_model"):
@@ -169,16 +166,15 @@ def load_reference_model(model_dir: str, flag: str = "--perplexity_model"):
     import torch
     from transformers import AutoModelForCausalLM
 
-    _, tokenizer = check_reference_model(model_dir, flag)
+    _, tokenizer, cache_only = _checked_reference_model(model_dir, flag)
     try:
-        cache_only = {"local_files_only": True} if hub_unreachable_for(model_dir) else {}
         model, info = AutoModelForCausalLM.from_pretrained(model_dir, output_loading_info=True, **cache_only)
     except Exception as err:  # no weights file, a truncated one (safetensors' own error), shapes that do not match
-        raise _data_error(f"{flag} {model_dir}: its weights cannot be loaded ({_first_line(err)})") from err
+        raise DataError(f"{flag} {model_dir}: its weights cannot be loaded ({first_line(err)})") from err
     missing = sorted(info.get("missing_keys") or [])
     if missing:
         shown = ", ".join(missing[:4]) + (f" and {len(missing) - 4} more" if len(missing) > 4 else "")
-        raise _data_error(f"{flag} {model_dir}: the checkpoint lacks weights of {type(model).__name__} ({shown}), "
+        raise DataError(f"{flag} {model_dir}: the checkpoint lacks weights of {type(model).__name__} ({shown}), "
                           "which would be initialised at random and make every score meaningless; give a causal LM "
                           "saved with its language-model head")
     model.to("cuda" if torch.cuda.is_available() else "cpu").eval()

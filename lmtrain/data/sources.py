@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterator
 
-from lmtrain.errors import UserError
+from lmtrain.errors import UserError, first_line
 from lmtrain.locations import hub_unreachable_for, looks_local
 
 logger = logging.getLogger(__name__)
@@ -335,9 +335,8 @@ def read_hub_records(name: str, split: str, stats: ReadStats, required_column: s
         try:
             dataset = datasets.load_dataset(repo, config or None, split=split, streaming=True)
         except Exception as err:  # offline, no such repository or config, no access: the user's to fix
-            first = (str(err).strip().splitlines() or [type(err).__name__])[0]
             raise DataError(f"hub dataset '{name}' (not a local path: no such file or directory here) could not "
-                            f"be loaded: {type(err).__name__}: {first}") from None
+                            f"be loaded: {type(err).__name__}: {first_line(err)}") from None
     columns = dataset.column_names or []
     if required_column and columns and required_column not in columns:
         raise DataError(f"dataset '{name}': no column '{required_column}'; columns: {', '.join(columns)}")

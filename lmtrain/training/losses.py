@@ -52,7 +52,7 @@ class CausalLMLoss:
         self.label_smoothing = label_smoothing
         self.z_loss_coefficient = z_loss_coefficient
         self.last_z_loss = None  # the z-loss term of the last micro-batch, normalized like the loss
-        self._window_z_loss = 0.0  # the training micro-batches' terms since take_window_z_loss()
+        self._window_z_loss = 0.0  # the training micro-batches' terms since take_window_z_loss(), a tensor
 
     def __call__(self, outputs, labels, num_items_in_batch=None):
         logits = outputs["logits"] if isinstance(outputs, dict) else outputs[0]
@@ -63,13 +63,14 @@ class CausalLMLoss:
             denominator = denominator.to(total.device)
         self.last_z_loss = z_sum / denominator
         if self.z_loss_coefficient and torch.is_grad_enabled():  # training, not evaluation (no_grad)
-            self._window_z_loss += float(self.last_z_loss)
+            # kept on the device: a float() here would wait for the GPU in every micro-batch
+            self._window_z_loss = self._window_z_loss + self.last_z_loss
         return total / denominator
 
     def take_window_z_loss(self, optimizer_steps: int) -> float:
         """The z-loss term per optimizer step since the last call (the micro-batches of a step add up to that
         step's term, each normalized by the step's token count as the loss is), and a new window."""
-        value, self._window_z_loss = self._window_z_loss / max(optimizer_steps, 1), 0.0
+        value, self._window_z_loss = float(self._window_z_loss) / max(optimizer_steps, 1), 0.0
         return value
 
 
