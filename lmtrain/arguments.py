@@ -52,6 +52,11 @@ class ModelArguments:
         check_attention_name(self.attn_implementation)
 
 
+# The DataArguments a run on --dataset_path still reads (block_size: checked against the prepared blocks).
+OPTIONS_USED_WITH_PREPARED_DATA = {"dataset_path", "block_size", "max_train_samples", "max_eval_samples",
+                                   "prepare_seed"}
+
+
 @dataclass
 class DataArguments:
     dataset_path: str | None = field(default=None, metadata={
@@ -184,11 +189,26 @@ class DataArguments:
     def source_specs(self) -> list[str]:
         return self.sources or self.train_files or ["shakespeare"]
 
+    def check_explicit_options(self):
+        """Called by parse_arguments once it knows which options were given: with --dataset_path the data was
+        prepared already, so a cleaning, filter or packing option here would be accepted and do nothing."""
+        given = sorted(set(getattr(self, "explicit_options", ())) - OPTIONS_USED_WITH_PREPARED_DATA)
+        if self.dataset_path and given:
+            logging.getLogger("lmtrain.arguments").warning(
+                "%s %s no effect with --dataset_path: %s was prepared with its own (see its report.json). Prepare "
+                "it again with data_prep/prepare_pretrain.py to change %s", ", ".join(f"--{name}" for name in given),
+                "has" if len(given) == 1 else "have", self.dataset_path, "it" if len(given) == 1 else "them")
+
     def options_not_recorded(self) -> set[str]:
-        """Left out of lmtrain_config.json: with --dataset_path and no --block_size the prepared blocks decide
-        the length, and a recorded default (1024) fed back would be an explicit --block_size that disagrees."""
-        given = getattr(self, "explicit_options", ())  # set by lmtrain.cli.parsing.parse_arguments
-        return {"block_size"} if self.dataset_path and "block_size" not in given else set()
+        """Left out of lmtrain_config.json with --dataset_path: the preparation options, given or not (they did
+        nothing; recorded defaults would say, e.g., group_texts for data packed best_fit: the data's own are in
+        data_report.json), and --block_size unless given (the prepared blocks decide the length; a recorded
+        default of 1024 fed back would be an explicit --block_size that disagrees)."""
+        if not self.dataset_path:
+            return set()
+        given = set(getattr(self, "explicit_options", ()))  # set by lmtrain.cli.parsing.parse_arguments
+        preparation = set(self.__dataclass_fields__) - OPTIONS_USED_WITH_PREPARED_DATA
+        return preparation | ({"block_size"} - given)
 
 
 _tensorboard_dir_set = None  # the TENSORBOARD_LOGGING_DIR this process set, not one the user exported

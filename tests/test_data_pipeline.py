@@ -464,3 +464,15 @@ def test_a_source_the_mixture_cannot_serve_is_warned_about(caplog):
     assert any("source 'books': weight share 0.150 but token share 0.000" in m for m in messages)
     assert any("source 'zh': repeated 50.0 times" in m for m in messages)
     assert not any("'web'" in m for m in messages)
+
+
+def test_a_source_the_filters_empty_says_where_its_documents_went(write_jsonl, prepare_data):
+    """Every document of one source dropped (here: too short): the error names the source and its own
+    per-reason counts, not only the whole run's."""
+    good = write_jsonl(({"text": t} for t in distinct_documents(40, seed=3)), name="good.jsonl")
+    short = write_jsonl(({"text": f"tiny {i}"} for i in range(7)), name="short.jsonl")
+    with pytest.raises(DataError) as raised:
+        prepare_data([f"web={good}", f"notes={short}"])
+    message = str(raised.value)
+    assert "source 'notes' has no training documents left: 7 read; dropped: 7 too_short; 0 held out" in message
+    assert "'web'" not in message

@@ -284,3 +284,25 @@ def test_sft_samples_under_zero3_are_the_greedy_chat_answers(tiny_model_dir, tmp
     assert run.returncode == 0, run.stderr[-3000:]
     sample = json.loads((out / "samples.jsonl").read_text().splitlines()[-1])
     assert sample["step"] == 3 and sample["text"] == greedy_generate(out, prompt, "--chat_template")
+
+
+def test_a_run_on_prepared_data_records_the_data_s_packing_not_the_defaults(tiny_tokenizer_dir, corpus, tmp_path,
+                                                                          caplog):
+    """--dataset_path data packed best_fit: lmtrain_config.json records no preparation option (a default
+    group_texts would misstate it), data_report.json says best_fit, and a preparation option given with
+    --dataset_path is warned about as doing nothing."""
+    from lmtrain.cli.prepare import main as prepare
+
+    data = tmp_path / "best_fit"
+    prepare(["--tokenizer_name", str(tiny_tokenizer_dir), "--sources", str(corpus), "--block_size", "128",
+             "--packing_strategy", "best_fit", "--validation_split_percentage", "5", "--output_dir", str(data),
+             "--prepared_cache_dir", str(tmp_path / "cache")])
+    out = tmp_path / "run"
+    with caplog.at_level(logging.WARNING, logger="lmtrain"):
+        pretrain.main(run_on_prepared(tiny_tokenizer_dir, out, "--dataset_path", str(data), "--min_chars", "5"))
+    warnings = [r.getMessage() for r in caplog.records if "no effect with --dataset_path" in r.getMessage()]
+    assert len(warnings) == 1 and warnings[0].startswith("--min_chars has no effect with --dataset_path")
+    saved = json.loads((out / "lmtrain_config.json").read_text())["data"]
+    assert "packing_strategy" not in saved and "min_chars" not in saved and saved["dataset_path"] == str(data)
+    assert json.loads((out / "data_report.json").read_text())["packing_strategy"] == "best_fit"
+    assert json.loads((data / "report.json").read_text())["packing_strategy"] == "best_fit"

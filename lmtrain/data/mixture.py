@@ -3,6 +3,7 @@ share of the tokens (repeated or subsampled), and the sources that have nothing 
 from __future__ import annotations
 
 import logging
+from collections import Counter
 
 import numpy as np
 
@@ -55,6 +56,23 @@ def mixture_selection(sources: np.ndarray, num_tokens: np.ndarray, candidates: n
                            "the model will see its documents that often", name, info["epochs"],
                            info["target_share"], info["held_tokens"])
     return indices, per_source
+
+
+def check_sources_have_training_documents(weights: dict[str, float], train_sources: np.ndarray,
+                                          validation_sources: np.ndarray, row_sources: np.ndarray,
+                                          drops: np.ndarray):
+    """A source with nothing left for training is an error that says where its documents went: dropped by
+    which filter (the per-reason counts of that source alone) or held out for validation."""
+    for name in weights:
+        if (train_sources == name).any():
+            continue
+        mine = drops[row_sources == name]
+        dropped = Counter(reason for reason in mine if reason)
+        held_out = int((validation_sources == name).sum())
+        where = ", ".join(f"{count} {reason}" for reason, count in dropped.most_common()) or "none dropped"
+        raise DataError(f"source '{name}' has no training documents left: {len(mine)} read; dropped: {where}; "
+                        f"{held_out} held out for validation. Check its files and --text_field, and loosen the "
+                        f"filter that dropped them (docs/DATA_QUALITY.md) or give the source more data")
 
 
 def empty_sources(row_sources: np.ndarray, drops: np.ndarray, specs: list[SourceSpec]) -> list[str]:

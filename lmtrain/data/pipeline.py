@@ -22,7 +22,7 @@ from tqdm.auto import tqdm
 
 from lmtrain.arguments import DataArguments
 from lmtrain.data.cleaning import CleaningConfig, clean_batch, cleaning_config, exact_duplicates, near_duplicates
-from lmtrain.data.mixture import empty_sources, mixture_selection
+from lmtrain.data.mixture import check_sources_have_training_documents, empty_sources, mixture_selection
 from lmtrain.data.packing import pack_documents, pack_validation, private_tmp
 from lmtrain.data.sources import (reraise_data_error, DataError, ReadStats, SourceSpec, read_file, read_hub_dataset,
                                   resolve_source_files)
@@ -48,6 +48,7 @@ class PreparationReport:
     tokens: dict = field(default_factory=dict)
     blocks: dict = field(default_factory=dict)
     block_size: int = 0
+    packing_strategy: str = ""  # group_texts or best_fit: how the blocks were cut
     padded_tokens: int = 0
     dropped_remainder_tokens: int = 0
     doc_chars: dict = field(default_factory=dict)
@@ -76,7 +77,7 @@ class PreparationReport:
         lines = [f"documents read: {self.documents_read}"]
         lines += [f"  dropped ({reason}): {count}" for reason, count in sorted(self.dropped.items())]
         lines.append(f"documents kept: {self.documents_kept}")
-        lines.append(f"tokens: {self.tokens}   blocks of {self.block_size}: {self.blocks}")
+        lines.append(f"tokens: {self.tokens}   blocks of {self.block_size} ({self.packing_strategy}): {self.blocks}")
         lines.append(f"document length, chars:  {self.doc_chars}")
         lines.append(f"document length, tokens: {self.doc_tokens}")
         lines.append(f"bytes per token: {self.bytes_per_token:.3f}")
@@ -272,7 +273,7 @@ def check_quality_options(args: DataArguments, config: CleaningConfig, source_co
 
 def prepare_pretrain_data(args: DataArguments, tokenizer, cache_dir: str | None = None):
     """Raw sources -> DatasetDict(train, validation) of packed blocks, and a PreparationReport."""
-    report = PreparationReport(block_size=args.block_size)
+    report = PreparationReport(block_size=args.block_size, packing_strategy=args.packing_strategy)
     cache_root = Path(cache_dir or args.prepared_cache_dir or Path.home() / ".cache" / "lmtrain" / "prepared")
     cache_root.mkdir(parents=True, exist_ok=True)
     datasets_cache = str(cache_root / "datasets")
@@ -329,7 +330,8 @@ def prepare_pretrain_data(args: DataArguments, tokenizer, cache_dir: str | None 
         report.seconds["perplexity"] = round(clock() - t0, 2)
     report.dropped = dict(Counter(d for d in drops if d))
     report.documents_read = int(sum(1 for d in drops if d not in ("empty_file",)))
-    empty = empty_sources(np.array(raw.with_format("arrow")["source"].to_pylist(), dtype=object), drops, specs)
+    row_sources = np.array(raw.with_format("arrow")["source"].to_pylist(), dtype=object)
+    empty = empty_sources(row_sources, drops, specs)
 
     kept = np.flatnonzero(drops == "")
     if len(kept) == 0:
@@ -371,6 +373,7 @@ def prepare_pretrain_data(args: DataArguments, tokenizer, cache_dir: str | None 
     train_rows = np.flatnonzero(~is_validation)
     validation_rows = np.flatnonzero(is_validation)
     weights = {s.name: s.weight for s in specs if s.name not in empty}
+    check_sources_have_training_documents(weights, sources[train_rows], sources[validation_rows], row_sources, drops)
     total = args.mixture_tokens or int(num_tokens[train_rows].sum())
     train_indices, report.sources = mixture_selection(sources, num_tokens, train_rows, weights, total, rng)
     for spec in specs:
